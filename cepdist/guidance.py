@@ -1,0 +1,152 @@
+"""Energy guidance: the exact method (CEP) and the inexact baselines (MSE, DPS), selectable by name.
+
+Sign convention (reference): the energy model fφ is a Q-like score, higher is preferred.
+Guided ε-prediction:  ε̃ = εθ(a_t, s, t) − w·σt·∇a f_t(a_t, s),  w = guidance scale (w = 1: exact tilt).
+
+- cep: fφ trained with the contrastive loss (labels softmax(β·Q̄) over a support set sharing one t).
+- mse: fφ trained to regress β·Q̄(s, a0) from the noisy a_t (learns E[βQ | a_t], Jensen gap).
+- dps: no energy model; f_t(a_t) = β·Q(s, â0(a_t)) at the Tweedie estimate, differentiated through εθ.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .diffusion import VPSchedule
+from .nets import EnergyNet, ScoreNet
+from .solver import EpsFn, SolverPlan, sample
+
+METHODS = ("cep", "mse", "dps")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"guidance method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+# ---------------------------------------------------------------- training losses of fφ
+def cep_loss(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """−Σ_i softmax_i(target)·log_softmax_i(f), averaged over groups. f, target: [G, K] (target = β·Q̄)."""
+    return -(torch.softmax(target, -1) * torch.log_softmax(f, -1)).sum(-1).mean()
+
+
+def mse_loss(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(f, target)
+
+
+def energy_loss(method: str, energy: EnergyNet, a0: torch.Tensor, s: torch.Tensor | None,
+                target: torch.Tensor, schedule: VPSchedule, generator=None) -> torch.Tensor:
+    """Loss of fφ on groups of clean actions a0 [G, K, a_dim] with targets β·Q̄ [G, K].
+
+    One t per group, shared by its K actions (the CEP estimator needs it), independent noise per action.
+    s: [G, s_dim] or None (unconditional toys)."""
+    G = a0.shape[0]
+    t = schedule.sample_t(G, device=a0.device, generator=generator)
+    eps = torch.randn(a0.shape, device=a0.device, dtype=a0.dtype, generator=generator)
+    at = schedule.noise(a0, t, eps)
+    f = energy(at, t[:, None], None if s is None else s[:, None, :])
+    if method == "cep":
+        return cep_loss(f, target)
+    if method == "mse":
+        return mse_loss(f, target)
+    raise ValueError(f"guidance method {method!r} trains no energy model")
+
+
+# ---------------------------------------------------------------- guided sampling
+def is_zero(w) -> bool:
+    """w is a float, or a tensor of per-state scales shaped [B, 1, 1]; only a plain 0 skips guidance."""
+    return not torch.is_tensor(w) and w == 0
+
+def _broadcast_times(plan: SolverPlan, states: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    """Times [K, 1, 1] and states [B, 1, s_dim] so that conditions come out as [K, B, 1, ·], which
+    broadcast against samples shaped [B, N, a_dim]; unconditional: times [K], conditions [K, ·]."""
+    t = torch.tensor(plan.times, device=like.device, dtype=like.dtype)
+    if states is None:
+        return t, None
+    return t.view(-1, 1, 1), states[:, None, :]
+
+
+class Guidance:
+    """Turns a behaviour model (and whatever the method needs) into the guided ε of one sampling call."""
+    needs_autograd = False
+
+    def eps_fn(self, behavior: ScoreNet, plan: SolverPlan, states: torch.Tensor | None,
+               w: float, like: torch.Tensor) -> EpsFn:
+        t, s = _broadcast_times(plan, states, like)
+        conds = behavior.block_conditions(t, s)
+        off = is_zero(w)
+        extra = None if off else self.prepare(t, s)
+
+        def eps(x: torch.Tensor, k: int) -> torch.Tensor:
+            ck = [c[k] for c in conds]
+            if off:
+                return -behavior.trunk(x, ck)
+            return self.guided(behavior, x, ck, extra, k, plan, w, s)
+        return eps
+
+    def prepare(self, t, s):
+        return None
+
+    def guided(self, behavior, x, conds_k, extra, k, plan, w, s):
+        raise NotImplementedError
+
+
+class EnergyGuidance(Guidance):
+    """cep and mse: w·∇a fφ(a_t, s, t) from a trained time-conditioned energy model."""
+
+    def __init__(self, energy: EnergyNet):
+        self.energy = energy
+
+    def prepare(self, t, s):
+        return self.energy.condition(t, s)
+
+    def guided(self, behavior, x, conds_k, pc, k, plan, w, s):
+        g = self.energy.grad_action(x, pc[k])
+        return -behavior.trunk(x, conds_k) - g * (w * plan.sigmas[k])
+
+
+class DPSGuidance(Guidance):
+    """dps: ∇_{a_t} value(â0(a_t), s) through the behaviour model; value is a clean β·Q (or β·V)."""
+    needs_autograd = True
+
+    def __init__(self, value: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+        self.value = value
+
+    def guided(self, behavior, x, conds_k, extra, k, plan, w, s):
+        a, sg = plan.alphas[k], plan.sigmas[k]
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            eps = -behavior.trunk(xg, conds_k)
+            x0 = (xg - sg * eps) / a
+            g, = torch.autograd.grad(self.value(x0, None if s is None else s[:, 0, :]).sum(), xg)
+        return eps.detach() - g * (w * sg)
+
+
+def make_guidance(method: str, energy: EnergyNet | None = None, value=None) -> Guidance:
+    check_method(method)
+    if method == "dps":
+        if value is None:
+            raise ValueError("guidance method 'dps' needs a clean value function (β·Q)")
+        return DPSGuidance(value)
+    if energy is None:
+        raise ValueError(f"guidance method {method!r} needs a trained energy model")
+    return EnergyGuidance(energy)
+
+
+def guided_sample(behavior: ScoreNet, plan: SolverPlan, states: torch.Tensor | None, n: int,
+                  guidance: Guidance | None = None, w: float = 0.0,
+                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Draw n actions per state: returns [B, n, a_dim] (or [n, a_dim] when states is None).
+
+    All states × samples go through the solver in one batch; the behaviour model's and the energy
+    model's time/state conditions are computed once per call for all solver times."""
+    device = device or next(behavior.parameters()).device
+    shape = (n, behavior.action_dim) if states is None else (states.shape[0], n, behavior.action_dim)
+    x = torch.randn(shape, device=device, generator=generator)
+    guidance = guidance or Guidance()
+    ctx = torch.no_grad() if (guidance.needs_autograd and not is_zero(w)) else torch.inference_mode()
+    with ctx:
+        return sample(guidance.eps_fn(behavior, plan, states, w, x), x, plan)

@@ -1,0 +1,94 @@
+"""A small training-loop helper shared by the stages: progress lines with rate and ETA, the non-finite
+loss guard, periodic checkpoints and resumption.
+
+Losses are accumulated on the device and read back once per log interval, so the inner loop has no
+host synchronisation; a checkpoint is written only right after such a check passed, so the last
+checkpoint on disk is always a finite one."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoint
+
+log = logging.getLogger("cepdist")
+
+Callback = Callable[[str, int, dict], None]   # (stage, step, metrics)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Loop:
+    def __init__(self, stage: str, total: int, names: tuple[str, ...], device, log_every: int,
+                 ckpt_every: int, ckpt_path: Path | None, snapshot: Callable[[int], dict],
+                 callback: Callback | None = None, start: int = 0):
+        self.stage, self.total, self.names = stage, total, names
+        self.log_every, self.ckpt_every = max(1, log_every), max(1, ckpt_every)
+        self.ckpt_path, self.snapshot, self.callback = ckpt_path, snapshot, callback
+        self.acc = torch.zeros(len(names), device=device, dtype=torch.float64)
+        self.count = torch.zeros(len(names), device=device, dtype=torch.float64)
+        self.step, self.start = start, start
+        self.t0 = self.t_last = time.perf_counter()
+        self.step_last = start
+        self.last_good_step: int | None = None
+
+    def record(self, i: int, value: torch.Tensor):
+        self.acc[i] += value.detach().double()
+        self.count[i] += 1
+
+    def end_step(self):
+        self.step += 1
+        if self.step % self.log_every == 0 or self.step == self.total:
+            self.flush()
+        if self.ckpt_path is not None and (self.step % self.ckpt_every == 0 or self.step == self.total):
+            if self.step % self.log_every != 0 and self.step != self.total:
+                self.flush()
+            self.save()
+
+    def flush(self):
+        sums, counts = self.acc.tolist(), self.count.tolist()
+        self.acc.zero_(); self.count.zero_()
+        metrics = {n: s / c for n, s, c in zip(self.names, sums, counts) if c > 0}
+        bad = [n for n, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            where = f"; last good checkpoint: {self.ckpt_path} (step {self.last_good_step})" \
+                if self.last_good_step is not None else "; no checkpoint was written yet"
+            raise NonFiniteLossError(f"{self.stage}: non-finite {', '.join(bad)} between steps "
+                                     f"{self.step_last} and {self.step}{where}")
+        now = time.perf_counter()
+        rate = (self.step - self.step_last) / max(now - self.t_last, 1e-9)
+        eta = (self.total - self.step) / max(rate, 1e-9)
+        metrics[f"{self.stage}/steps_per_s"] = rate
+        log.info("%s %d/%d (%.0f%%) %s | %.1f it/s, ETA %s", self.stage, self.step, self.total,
+                 100.0 * self.step / self.total, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                           if "/" not in k), rate, _fmt(eta))
+        self.t_last, self.step_last = now, self.step
+        if self.callback is not None:
+            self.callback(self.stage, self.step, metrics)
+
+    def save(self):
+        checkpoint.save(self.ckpt_path, **self.snapshot(self.step))
+        self.last_good_step = self.step
+
+
+def _fmt(sec: float) -> str:
+    sec = int(sec)
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+def resume_state(ckpt_path: Path | None, config: dict) -> dict | None:
+    """The checkpoint at ckpt_path if it exists and was made with the same config, else None."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return None
+    ck = checkpoint.load(ckpt_path)
+    if ck.get("config") != config:
+        raise ValueError(f"checkpoint {ckpt_path} was written with a different config; "
+                         "remove it or use another checkpoint directory")
+    return ck
