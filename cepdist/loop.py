@@ -45,12 +45,14 @@ class Loop:
 
     def end_step(self):
         self.step += 1
-        if self.step % self.log_every == 0 or self.step == self.total:
-            self.flush()
-        if self.ckpt_path is not None and (self.step % self.ckpt_every == 0 or self.step == self.total):
-            if self.step % self.log_every != 0 and self.step != self.total:
-                self.flush()
-            self.save()
+        last = self.step == self.total
+        save = self.ckpt_path is not None and (self.step % self.ckpt_every == 0 or last)
+        if save or self.step % self.log_every == 0 or last:
+            metrics = self.flush()          # raises before anything non-finite is saved
+            if save:
+                self.save()
+            if self.callback is not None:   # after the save: a callback that stops the run loses nothing
+                self.callback(self.stage, self.step, metrics)
 
     def flush(self):
         sums, counts = self.acc.tolist(), self.count.tolist()
@@ -70,8 +72,7 @@ class Loop:
                  100.0 * self.step / self.total, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                            if "/" not in k), rate, _fmt(eta))
         self.t_last, self.step_last = now, self.step
-        if self.callback is not None:
-            self.callback(self.stage, self.step, metrics)
+        return metrics
 
     def save(self):
         checkpoint.save(self.ckpt_path, **self.snapshot(self.step))
