@@ -1,0 +1,113 @@
+"""Hot paths of the QGPO core at HalfCheetah sizes (s_dim 17, a_dim 6) and the reference network widths.
+
+Prints a table and writes JSON (default benchmarks/results/core.json):
+behaviour-model training steps/s at batch 4096 and 256 (fp32 and bf16 autocast), critic iterations/s
+(one Q update + one CEP update, batch 256 × M = 16), guided sampling actions/s at state batches 1, 10, 100,
+1000 (15 steps, 2nd-order DPM-Solver++, w = 1), and support-action generation samples/s (w = 0).
+Stage rates are the difference of two runs of different lengths, so set-up time is excluded.
+
+    python benchmarks/core.py [--device cuda] [--quick] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cepdist.config import BehaviorConfig, CriticConfig, SupportConfig
+from cepdist.data import Transitions
+from cepdist.qgpo import GuidedPolicy, SupportSet, build_critic, generate_support, train_behavior, train_critic
+
+S_DIM, A_DIM = 17, 6
+REFERENCE = {"behavior_4096": 2.0, "behavior_256": 24.6, "critic": 9.9, "sample_1": 25.5, "sample_10": 227,
+             "sample_100": 1157, "sample_1000": 1777, "support": 1973}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def rate_of(run, k1, k2, device):
+    """Steps per second from two runs of k1 and k2 steps (set-up cancels)."""
+    t1, t2 = timed(lambda: run(k1), device), timed(lambda: run(k2), device)
+    return (k2 - k1) / max(t2 - t1, 1e-9)
+
+
+def fake_data(n, device):
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(n, S_DIM, generator=g)
+    return Transitions(obs, torch.rand(n, A_DIM, generator=g) * 2 - 1, torch.randn(n, generator=g),
+                       torch.randn(n, S_DIM, generator=g), torch.zeros(n), torch.zeros(n, dtype=torch.bool)).to(device)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "core.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    q = 1 if args.quick else 2
+    data = fake_data(20_000, device)
+    res: dict[str, float] = {}
+
+    for bs, (k1, k2) in ((4096, (2, 2 + 6 * q)), (256, (5, 5 + 40 * q))):
+        for prec in ("fp32", "bf16"):
+            cfg = BehaviorConfig(batch_size=bs, precision=prec, log_every=10**9, ckpt_every=10**9)
+            run = lambda k: train_behavior(BehaviorConfig(**{**cfg.__dict__, "steps": k}), data.obs, data.actions)
+            key = f"behavior_{bs}" + ("" if prec == "fp32" else "_bf16")
+            res[key] = rate_of(run, k1, k2, device)
+            print(f"{key:24s} {res[key]:10.2f} steps/s")
+
+    M = 16
+    support = SupportSet(torch.randn(len(data), M, A_DIM, device=device), torch.arange(len(data), device=device),
+                         torch.arange(len(data), device=device))
+    ccfg = lambda k: CriticConfig(steps=k, q_fraction=1.0, log_every=10**9, ckpt_every=10**9)
+    res["critic"] = rate_of(lambda k: train_critic(ccfg(k), data, support), 5, 5 + 40 * q, device)
+    print(f"{'critic':24s} {res['critic']:10.2f} it/s (Q + CEP update, 256 × 16)")
+
+    behavior = train_behavior(BehaviorConfig(steps=0), data.obs, data.actions).to(device)
+    critic = build_critic(CriticConfig(), S_DIM, A_DIM)
+    critic.q_target.to(device); critic.energy.to(device)
+    policy = GuidedPolicy(behavior, critic, "cep")
+    for b in (1, 10, 100, 1000):
+        states = data.obs[:b]
+        policy(states, w=1.0)                                  # warm-up
+        reps = max(3, int(300 / b)) * q
+        res[f"sample_{b}"] = b * reps / timed(lambda: [policy(states, w=1.0) for _ in range(reps)], device)
+        print(f"{'sample_' + str(b):24s} {res[f'sample_' + str(b)]:10.1f} actions/s (15 steps, w=1)")
+
+    scfg = SupportConfig(M=M, batch_states=256)
+    sub = lambda n: Transitions(*(getattr(data, f)[:n] for f in ("obs", "actions", "rewards", "obs", "terminals", "ends")))
+    n1, n2 = 256, 256 * (1 + 4 * q)
+    t1 = timed(lambda: generate_support(scfg, behavior, sub(n1)), device)
+    t2 = timed(lambda: generate_support(scfg, behavior, sub(n2)), device)
+    res["support"] = (n2 - n1) * M / (t2 - t1)
+    print(f"{'support':24s} {res['support']:10.1f} samples/s (256 states × 16, 15 steps, w=0)")
+
+    print("\nspeed-up over the reference implementation on 2 CPU cores:")
+    for k, ref in REFERENCE.items():
+        print(f"  {k:16s} {res[k] / ref:6.2f}x" + (f"   (bf16: {res[k + '_bf16'] / ref:.2f}x)" if k + "_bf16" in res else ""))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": str(device), "cpu": platform.processor() or platform.machine(),
+                               "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "results": res, "reference_2cpu": REFERENCE}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
