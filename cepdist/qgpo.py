@@ -43,6 +43,14 @@ def _autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel (one op for all parameters; CPU and CUDA in current torch)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def plan_for(schedule: VPSchedule, cfg: SolverConfig):
     return make_plan(schedule, cfg.steps, cfg.order, cfg.method, cfg.spacing)
 
@@ -61,7 +69,7 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     device = actions.device
     state_dim = 0 if obs is None else obs.shape[1]
     model = build_behavior(cfg, state_dim, actions.shape[1], seed).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = adam(model.parameters(), cfg.lr)
     meta = {"kind": "behavior", "config": to_dict(cfg), "seed": seed,
             "state_dim": state_dim, "action_dim": actions.shape[1]}
     gen = seed_generator(seed, "behavior", device)
@@ -188,11 +196,11 @@ def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, s
     device = data.obs.device
     critic = build_critic(cfg, data.state_dim, data.action_dim, seed)
     critic.q.to(device); critic.q_target.to(device)
-    opt_q = torch.optim.Adam(critic.q.parameters(), lr=cfg.lr_q)
+    opt_q = adam(critic.q.parameters(), cfg.lr_q)
     opt_f = None
     if critic.energy is not None:
         critic.energy.to(device)
-        opt_f = torch.optim.Adam(critic.energy.parameters(), lr=cfg.lr_f)
+        opt_f = adam(critic.energy.parameters(), cfg.lr_f)
     gen = seed_generator(seed, "critic", device)
     meta = {"kind": "critic", "config": to_dict(cfg), "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}

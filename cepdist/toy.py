@@ -22,7 +22,7 @@ from .diffusion import VPSchedule
 from .guidance import METHODS, energy_loss, guided_sample, make_guidance
 from .loop import Loop, resume_state
 from .nets import EnergyNet, ValueNet
-from .qgpo import plan_for, seed_generator, train_behavior
+from .qgpo import adam, plan_for, seed_generator, train_behavior
 
 log = logging.getLogger("cepdist")
 DATASETS = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")
@@ -156,7 +156,7 @@ class ToyModels:
             net.load_state_dict(ck["model"])
             return net.eval()
         net.to(self.device)
-        opt = torch.optim.Adam(net.parameters(), lr=self.preset.lr)
+        opt = adam(net.parameters(), self.preset.lr)
         gen = seed_generator(self.seed, name, self.device)
         loop = Loop(f"toy/{self.dataset}/{name}", steps, ("loss",), self.device, max(steps // 4, 1), steps,
                     path, lambda step: {"config": cfg, "step": step, "model": net.state_dict()})
