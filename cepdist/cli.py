@@ -28,6 +28,39 @@ def _toy(args):
         print(f"table: {out / 'toy_distances.md'} (csv beside it); figures: {out}/toy_beta*.png")
 
 
+def _data(args):
+    import json
+    from . import datasets
+    from .tasks import TASKS, get_task
+    if args.cmd == "list":
+        root = Path(args.root) if args.root else datasets.d4rl_dir()
+        print(f"{'task':34s} {'domain':10s} {'env':20s} {'local file':10s}")
+        for name, t in TASKS.items():
+            have = datasets.local_path(t, root).is_file()
+            print(f"{name:34s} {t.domain:10s} {t.env_id:20s} {'yes' if have else '-':10s}")
+        print(f"\ncache: {root} (D4RL_DATASET_DIR); generated tasks end in -local")
+    elif args.cmd == "info":
+        if not (args.task or args.task_opt):
+            raise ValueError("data info needs a task: `cepdist data info TASK` or `--task TASK`")
+        task = get_task(args.task or args.task_opt)
+        path = Path(args.path) if args.path else datasets.local_path(task, Path(args.root) if args.root else None)
+        info = datasets.summarize(datasets.read_hdf5(path, task), task, path)
+        if args.json:
+            print(json.dumps(info))
+        else:
+            for k, v in info.items():
+                print(f"{k:18s} {v}")
+    elif args.cmd == "download":
+        print(datasets.download(get_task(args.task), Path(args.root) if args.root else None))
+    elif args.cmd == "generate":
+        from .generate import generate
+        task = get_task(args.task)
+        out = Path(args.out) if args.out else datasets.local_path(task, Path(args.root) if args.root else None)
+        generate(task.name, out, args.n, args.seed, args.policy_dir, args.n_envs)
+        info = datasets.summarize(datasets.read_hdf5(out, task), task, out)
+        print(json.dumps(info))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .guidance import METHODS
     from .toy import BETAS, DATASETS, PRESETS
@@ -59,6 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache", default=None, help="model cache (default: OUT/cache)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="results/toy")
+
+    d = sub.add_parser("data", help="offline datasets: D4RL, Minari, locally generated")
+    ds = d.add_subparsers(dest="cmd", required=True)
+    x = ds.add_parser("list", help="all tasks and which are available locally")
+    x.add_argument("--root", help="dataset cache (default $D4RL_DATASET_DIR or ~/.d4rl/datasets)")
+    x = ds.add_parser("info", help="summary of a task's dataset (or of an explicit file)")
+    x.add_argument("task", nargs="?", help="task name (or --task)")
+    x.add_argument("--task", dest="task_opt", help="task whose dimensions and reference scores apply")
+    x.add_argument("--path", help="an HDF5 file in the D4RL layout (default: the task's cached file)")
+    x.add_argument("--root")
+    x.add_argument("--json", action="store_true", help="one JSON object")
+    x = ds.add_parser("download", help="fetch a D4RL task's original file into the cache")
+    x.add_argument("task")
+    x.add_argument("--root")
+    x = ds.add_parser("generate", help="write an <env>-<level>-local dataset from real agents' rollouts")
+    x.add_argument("--task", required=True, help="e.g. hopper-medium-local")
+    x.add_argument("--n", type=int, default=1_000_000, help="rows per part (medium-expert has two parts)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--policy-dir", help="agents folder (default $CEPDIST_POLICY_DIR)")
+    x.add_argument("--n-envs", type=int, default=8)
+    x.add_argument("--out", help="output file (default: the cache, where `data info`/training find it)")
+    x.add_argument("--root")
     return p
 
 
@@ -67,8 +122,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    if args.group == "toy":
-        _toy(args)
+    try:
+        {"toy": _toy, "data": _data}[args.group](args)
+    except (ValueError, KeyError) as e:       # bad input: a clear message, no traceback
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"cepdist: error: {msg}", file=sys.stderr)
+        return 2
     return 0
 
 
