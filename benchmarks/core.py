@@ -20,7 +20,8 @@ import torch
 
 from cepdist.config import BehaviorConfig, CriticConfig, SupportConfig
 from cepdist.data import Transitions
-from cepdist.qgpo import GuidedPolicy, SupportSet, build_critic, generate_support, train_behavior, train_critic
+from cepdist.qgpo import (GuidedPolicy, SupportSet, build_critic, generate_support, state_table, train_behavior,
+                          train_critic)
 
 S_DIM, A_DIM = 17, 6
 REFERENCE = {"behavior_4096": 2.0, "behavior_256": 24.6, "critic": 9.9, "sample_1": 25.5, "sample_10": 227,
@@ -93,8 +94,11 @@ def main():
         print(f"{'sample_' + str(b):24s} {res[f'sample_' + str(b)]:10.1f} actions/s (15 steps, w=1)")
 
     scfg = SupportConfig(M=M, batch_states=256)
-    sub = lambda n: Transitions(*(getattr(data, f)[:n] for f in ("obs", "actions", "rewards", "obs", "terminals", "ends")))
-    n1, n2 = 256, 256 * (1 + 4 * q)
+    # consecutive transitions (s'_i = s_{i+1}): n transitions have n + 1 distinct states to sample at
+    sub = lambda n: Transitions(data.obs[:n], data.actions[:n], data.rewards[:n], data.obs[1:n + 1],
+                                data.terminals[:n], data.ends[:n])
+    n1, n2 = 255, 256 * (1 + 4 * q) - 1
+    assert state_table(sub(n2))[0].shape[0] == n2 + 1
     generate_support(scfg, behavior, sub(n1))                 # warm-up
     t1 = timed(lambda: generate_support(scfg, behavior, sub(n1)), device)
     t2 = timed(lambda: generate_support(scfg, behavior, sub(n2)), device)

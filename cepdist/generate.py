@@ -92,7 +92,7 @@ class AgentPolicy:
         model_cls = getattr(importlib.import_module(mod), cls)
         self.model = model_cls.load(archive, device="cpu", custom_objects={
             "observation_space": observation_space, "action_space": action_space, "learning_rate": 0.0,
-            "lr_schedule": lambda _: 0.0, "replay_buffer_class": None})
+            "lr_schedule": lambda _: 0.0, "delta_std_schedule": lambda _: 0.0, "replay_buffer_class": None})
         self.norm = None
         vn = folder / f"{zoo}-v3" / "vecnormalize.pkl"
         if vn.is_file():
@@ -133,7 +133,7 @@ def rollouts(task: Task, source: Source, n_rows: int, seed: int, root: Path | No
         for i, e in enumerate(envs):
             qpos, qvel = e.unwrapped.data.qpos.copy(), e.unwrapped.data.qvel.copy()
             o2, r, term, trunc, _ = e.step(act[i])
-            bufs[i].append((obs[i], act[i], r, term, trunc, o2, qpos, qvel))
+            bufs[i].append((obs[i].copy(), act[i], r, term, trunc, o2, qpos, qvel))
             if term or trunc:
                 out.append(bufs[i]); rows += len(bufs[i]); bufs[i] = []
                 if progress:

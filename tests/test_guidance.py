@@ -136,3 +136,20 @@ def test_cep_gradient_matches_monte_carlo_and_mse_does_not():
     for t in (0.2, 0.35, 0.5):
         assert errs["cep", t] < 0.35, errs
         assert errs["mse", t] > 2 * errs["cep", t], errs
+
+
+def test_dps_is_exact_for_gaussian_data_and_linear_energy():
+    """With the exact score of a Gaussian q0, x̂0(x_t) is affine and ∇ β c·x̂0 equals ∇(−E_t): DPS must
+    then reach the linear tilt too (it differs from CEP only when x̂0 or the energy is nonlinear)."""
+    from cepdist.guidance import DPSGuidance
+    c, beta = torch.tensor([1.0, 0.5], dtype=torch.float64), 2.0
+    torch.manual_seed(0)
+    plan = make_plan(S, 30, 2, "singlestep", "logSNR")
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = guided_sample(GaussianBehavior(), plan, None, 40000, DPSGuidance(lambda a, s: beta * (a * c).sum(-1)),
+                          1.0, device="cpu")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.allclose(x.mean(0), MU + beta * SD**2 * c, atol=0.02)
+    assert torch.allclose(x.std(0), torch.full((2,), SD, dtype=torch.float64), atol=0.02)

