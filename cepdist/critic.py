@@ -12,14 +12,14 @@ def in_support_target(q_target: TwinQ, next_support: torch.Tensor, next_obs: tor
     """y = r + γ(1 − terminal)·Σ_i softmax_i(βQ·Q̄(s', â'_i))·Q̄(s', â'_i), Q̄ = min of the target twins.
 
     next_support: [B, M, a_dim] behaviour samples at s'; timeouts are not terminal."""
-    q = q_target(next_support, next_obs)                       # [B, M]
+    q = q_target.min(next_support, next_obs)                   # [B, M]
     v = (torch.softmax(beta_q * q, dim=-1) * q).sum(-1)
     return rewards + gamma * (1.0 - terminals) * v
 
 
-def q_loss(q: TwinQ, actions: torch.Tensor, obs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean of the two heads' MSE to y."""
-    q1, q2 = q.both(actions, obs)
+def q_loss(q, actions: torch.Tensor, obs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean of the two heads' MSE to y. q: a TwinQ, or a data-parallel wrapper of one."""
+    q1, q2 = q(actions, obs)
     return 0.5 * ((q1 - y).square().mean() + (q2 - y).square().mean())
 
 

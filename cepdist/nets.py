@@ -173,17 +173,17 @@ class TwinQ(nn.Module):
         self.q1 = CondMLP(action_dim, state_dim, hidden, act="relu")
         self.q2 = CondMLP(action_dim, state_dim, hidden, act="relu")
 
-    def both(self, a: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """a: [..., N, a_dim] actions for states s: [..., s_dim] broadcast as [..., 1, s_dim] when
-        a has one more dimension than s; otherwise rows are paired."""
+    def forward(self, a: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads. a: [..., N, a_dim] actions for states s: [..., s_dim] (broadcast as [..., 1, s_dim]
+        when a has one more dimension than s; otherwise rows are paired)."""
         if s is not None and a.dim() == s.dim() + 1:
             s = s.unsqueeze(-2)
         return (self.q1.forward_projected(a, self.q1.project_cond(s)),
                 self.q2.forward_projected(a, self.q2.project_cond(s)))
 
-    def forward(self, a: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-        q1, q2 = self.both(a, s)
-        return torch.minimum(q1, q2)
+    def min(self, a: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """Q = min of the twin heads."""
+        return torch.minimum(*self(a, s))
 
 
 class EnergyNet(nn.Module):

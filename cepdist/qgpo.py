@@ -11,6 +11,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,10 +29,27 @@ from .solver import make_plan
 log = logging.getLogger("cepdist")
 
 
-def seed_generator(seed: int, stage: str, device) -> torch.Generator:
-    """A generator per (seed, stage): stages draw independent, reproducible streams."""
+@dataclass
+class Parallel:
+    """Data parallelism as the stages see it: this worker's rank, the number of workers, and a wrapper
+    that makes a module synchronise its gradients (DDP). The global batch is split across workers."""
+    rank: int = 0
+    world_size: int = 1
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] = staticmethod(lambda m: m)
+
+    def local_batch(self, batch_size: int, what: str) -> int:
+        if batch_size % self.world_size:
+            raise ValueError(f"{what}={batch_size} is not divisible by the {self.world_size} workers")
+        return batch_size // self.world_size
+
+
+SINGLE = Parallel()
+
+
+def seed_generator(seed: int, stage: str, device, rank: int = 0) -> torch.Generator:
+    """A generator per (seed, stage, worker rank): independent, reproducible streams."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + sum(map(ord, stage)) * 7919) % (2**63))
+    g.manual_seed((seed * 1_000_003 + sum(map(ord, stage)) * 7919 + rank * 104_729) % (2**63))
     return g
 
 
@@ -63,22 +81,31 @@ def build_behavior(cfg: BehaviorConfig, state_dim: int, action_dim: int, seed: i
 
 def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch.Tensor, *, seed: int = 0,
                    schedule: VPSchedule | None = None, ckpt_path: Path | None = None,
-                   callback: Callback | None = None) -> ScoreNet:
-    """Fit εθ(a_t, s, t) to the dataset's actions (or unconditional points when obs is None)."""
+                   callback: Callback | None = None, parallel: Parallel = SINGLE) -> ScoreNet:
+    """Fit εθ(a_t, s, t) to the dataset's actions (or unconditional points when obs is None).
+
+    With `parallel`, each worker draws batch_size/world_size rows from its own stream and the wrapped
+    model averages gradients, so the global batch is the same for any number of workers."""
     schedule = schedule or VPSchedule()
     device = actions.device
     state_dim = 0 if obs is None else obs.shape[1]
+    local_bs = parallel.local_batch(cfg.batch_size, "behavior.batch_size")
     model = build_behavior(cfg, state_dim, actions.shape[1], seed).to(device)
     opt = adam(model.parameters(), cfg.lr)
     meta = {"kind": "behavior", "config": to_dict(cfg), "seed": seed,
             "state_dim": state_dim, "action_dim": actions.shape[1]}
-    gen = seed_generator(seed, "behavior", device)
+    gen = seed_generator(seed, "behavior", device, parallel.rank)
     start = 0
     ck = resume_state(ckpt_path, meta["config"])
     if ck is not None:
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["rng"]); start = ck["step"]
+        if parallel.rank == 0:
+            gen.set_state(ck["rng"])
+        else:                         # other ranks: a fresh stream for the remaining steps
+            gen = seed_generator(seed + ck["step"], "behavior", device, parallel.rank)
+        start = ck["step"]
         log.info("behavior: resuming from %s at step %d", ckpt_path, start)
+    net = parallel.wrap(model)
 
     def snapshot(step):
         return {**meta, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -90,9 +117,9 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     amp = _autocast(cfg.precision, device)
     model.train()
     for _ in range(start, cfg.steps):
-        idx = torch.randint(n, (cfg.batch_size,), device=device, generator=gen)
+        idx = torch.randint(n, (local_bs,), device=device, generator=gen)
         with amp:
-            loss = denoising_loss(model, actions[idx], None if obs is None else obs[idx], schedule, gen)
+            loss = denoising_loss(net, actions[idx], None if obs is None else obs[idx], schedule, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -188,7 +215,7 @@ def build_critic(cfg: CriticConfig, state_dim: int, action_dim: int, seed: int =
 
 def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, seed: int = 0,
                  schedule: VPSchedule | None = None, ckpt_path: Path | None = None,
-                 callback: Callback | None = None) -> Critic:
+                 callback: Callback | None = None, parallel: Parallel = SINGLE) -> Critic:
     """Interleaved in-support softmax Q-learning (first steps·q_fraction iterations) and fφ training on
     labels β·Q̄ over each state's support set (continuing on the frozen target Q afterwards)."""
     check_method(cfg.method)
@@ -201,7 +228,8 @@ def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, s
     if critic.energy is not None:
         critic.energy.to(device)
         opt_f = adam(critic.energy.parameters(), cfg.lr_f)
-    gen = seed_generator(seed, "critic", device)
+    local_bs = parallel.local_batch(cfg.batch_size, "critic.batch_size")
+    gen = seed_generator(seed, "critic", device, parallel.rank)
     meta = {"kind": "critic", "config": to_dict(cfg), "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}
     start = 0
@@ -211,8 +239,14 @@ def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, s
         opt_q.load_state_dict(ck["opt_q"])
         if opt_f is not None:
             critic.energy.load_state_dict(ck["energy"]); opt_f.load_state_dict(ck["opt_f"])
-        gen.set_state(ck["rng"]); start = ck["step"]
+        if parallel.rank == 0:
+            gen.set_state(ck["rng"])
+        else:
+            gen = seed_generator(seed + ck["step"], "critic", device, parallel.rank)
+        start = ck["step"]
         log.info("critic: resuming from %s at step %d", ckpt_path, start)
+    q_net = parallel.wrap(critic.q)
+    f_net = parallel.wrap(critic.energy) if critic.energy is not None else None
 
     def snapshot(step):
         d = {**meta, "step": step, "q": critic.q.state_dict(), "q_target": critic.q_target.state_dict(),
@@ -226,12 +260,12 @@ def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, s
                 callback, start)
     n, q_steps, beta_q = len(data), cfg.q_steps, cfg.beta_q
     for it in range(start, cfg.steps):
-        idx = torch.randint(n, (cfg.batch_size,), device=device, generator=gen)
+        idx = torch.randint(n, (local_bs,), device=device, generator=gen)
         s = data.obs[idx]
         if it < q_steps:
             y = in_support_target(critic.q_target, support.at_next(idx), data.next_obs[idx], data.rewards[idx],
                                   data.terminals[idx], cfg.gamma, beta_q)
-            lq = q_loss(critic.q, data.actions[idx], s, y)
+            lq = q_loss(q_net, data.actions[idx], s, y)
             opt_q.zero_grad(set_to_none=True)
             lq.backward()
             opt_q.step()
@@ -241,8 +275,8 @@ def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, s
         if opt_f is not None:
             sup = support.at_obs(idx)
             with torch.no_grad():
-                qs = critic.q_target(sup, s)                       # labels from the target Q̄
-            lf = energy_loss(cfg.method, critic.energy, sup, s, cfg.beta * qs, schedule, gen)
+                qs = critic.q_target.min(sup, s)                   # labels from the target Q̄
+            lf = energy_loss(cfg.method, f_net, sup, s, cfg.beta * qs, schedule, gen)
             opt_f.zero_grad(set_to_none=True)
             lf.backward()
             opt_f.step()
@@ -279,7 +313,7 @@ class GuidedPolicy:
             q = critic.q_target
             beta = critic.beta
             self.guidance = make_guidance(method, critic.energy,
-                                          value=lambda a, s: beta * q(a, s))
+                                          value=lambda a, s: beta * q.min(a, s))
         self.device = next(behavior.parameters()).device
         self.generator = seed_generator(seed, "policy", self.device)
         self._plans = {}
