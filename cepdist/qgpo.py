@@ -129,8 +129,9 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     return model
 
 
-def load_behavior(path) -> ScoreNet:
-    ck = checkpoint.load(path)
+def load_behavior(path_or_ck) -> ScoreNet:
+    """A behaviour model from a checkpoint file or its loaded dict."""
+    ck = path_or_ck if isinstance(path_or_ck, dict) else checkpoint.load(path_or_ck)
     from .config import from_dict
     model = build_behavior(from_dict(BehaviorConfig, ck["config"]), ck["state_dim"], ck["action_dim"])
     model.load_state_dict(ck["model"])
@@ -287,9 +288,10 @@ def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, s
     return critic
 
 
-def load_critic(path) -> Critic:
+def load_critic(path_or_ck) -> Critic:
+    """A critic from a checkpoint file or its loaded dict."""
     from .config import from_dict
-    ck = checkpoint.load(path)
+    ck = path_or_ck if isinstance(path_or_ck, dict) else checkpoint.load(path_or_ck)
     cfg = from_dict(CriticConfig, ck["config"])
     critic = build_critic(cfg, ck["state_dim"], ck["action_dim"])
     critic.q.load_state_dict(ck["q"]); critic.q_target.load_state_dict(ck["q_target"])
@@ -324,7 +326,8 @@ class GuidedPolicy:
             self._plans[key] = plan_for(self.schedule, solver)
         return self._plans[key]
 
-    def __call__(self, states, w=1.0, n: int = 1, solver: SolverConfig | None = None) -> torch.Tensor:
+    def __call__(self, states, w=1.0, n: int = 1, solver: SolverConfig | None = None,
+                 x_init: torch.Tensor | None = None) -> torch.Tensor:
         states = torch.as_tensor(np.asarray(states) if not torch.is_tensor(states) else states,
                                  dtype=torch.float32, device=self.device)
         if torch.is_tensor(w) or isinstance(w, (list, tuple, np.ndarray)):
@@ -332,7 +335,7 @@ class GuidedPolicy:
         elif w != 0 and self.guidance is None:
             raise ValueError("guidance scale w ≠ 0 needs a critic")
         a = guided_sample(self.behavior, self.plan(solver or self.solver), states, n, self.guidance, w,
-                          generator=self.generator)
+                          generator=self.generator, x_init=x_init)
         return a[:, 0] if n == 1 else a
 
 
