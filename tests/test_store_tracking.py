@@ -1,0 +1,44 @@
+"""Artifact store on a real local filesystem; MLflow on a real sqlite store."""
+import torch
+
+from cepdist.store import ArtifactStore, stage_key
+from cepdist.tracking import MLflowTracker
+
+
+def test_keys_depend_on_exactly_the_config():
+    a = stage_key("behavior", {"task": "hopper", "seed": 0, "cfg": {"lr": 1e-4}})
+    assert a == stage_key("behavior", {"cfg": {"lr": 1e-4}, "seed": 0, "task": "hopper"})   # order-free
+    assert a != stage_key("behavior", {"task": "hopper", "seed": 1, "cfg": {"lr": 1e-4}})
+    assert a.startswith("behavior-")
+
+
+def test_store_round_trip_and_execution_log(tmp_path):
+    st = ArtifactStore(tmp_path / "store")
+    f = tmp_path / "x.pt"
+    torch.save({"w": torch.arange(3)}, f)
+    assert not st.exists("k1")
+    st.put_file("k1", f)
+    assert st.exists("k1")
+    back = st.get_file("k1", tmp_path / "y.pt")
+    assert torch.equal(torch.load(back, weights_only=True)["w"], torch.arange(3))
+    st.put_json("k1", {"score": 1.5})
+    assert st.get_json("k1") == {"score": 1.5}
+    st.record_execution("k1", {"stage": "behavior"}); st.record_execution("k1")
+    assert [e["key"] for e in st.executions()] == ["k1", "k1"]
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "store").rglob("*"))
+    # a second store object on the same location sees the same artifacts (another process / a resumed study)
+    assert ArtifactStore(str(tmp_path / "store")).exists("k1")
+
+
+def test_mlflow_runs_are_keyed_and_batched(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr = MLflowTracker(uri, "exp")
+    rid = tr.start("trial-abc", "hopper seed 0", {"critic": {"beta": 3.0}, "task": "hopper"}, {"stage": "x"})
+    tr.log_metrics(rid, {"score_w1": 50.0, "score_w3": 60.0}, step=10)
+    tr.log_metrics(rid, {"score_w1": 55.0}, step=20)
+    tr.finish(rid)
+    assert MLflowTracker(uri, "exp").start("trial-abc", "again", {}, {}) == rid      # same key → same run
+    run = tr.client.get_run(rid)
+    assert run.data.params["critic.beta"] == "3.0" and run.data.tags["cepdist_key"] == "trial-abc"
+    hist = tr.client.get_metric_history(rid, "score_w1")
+    assert [(m.step, m.value) for m in hist] == [(10, 50.0), (20, 55.0)]
