@@ -18,7 +18,9 @@ from . import checkpoint
 
 log = logging.getLogger("cepdist")
 
-Callback = Callable[[str, int, dict], None]   # (stage, step, metrics)
+# (stage, step, metrics, path of the checkpoint written at this step or None); called at the same steps on
+# every data-parallel worker (log steps, checkpoint steps, the last step), whether or not it writes files
+Callback = Callable[[str, int, dict, "Path | None"], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,13 +48,15 @@ class Loop:
     def end_step(self):
         self.step += 1
         last = self.step == self.total
-        save = self.ckpt_path is not None and (self.step % self.ckpt_every == 0 or last)
-        if save or self.step % self.log_every == 0 or last:
+        ckpt_step = self.step % self.ckpt_every == 0 or last
+        if ckpt_step or self.step % self.log_every == 0:
             metrics = self.flush()          # raises before anything non-finite is saved
-            if save:
+            saved = None
+            if ckpt_step and self.ckpt_path is not None:
                 self.save()
+                saved = self.ckpt_path
             if self.callback is not None:   # after the save: a callback that stops the run loses nothing
-                self.callback(self.stage, self.step, metrics)
+                self.callback(self.stage, self.step, metrics, saved)
 
     def flush(self):
         sums, counts = self.acc.tolist(), self.count.tolist()

@@ -77,7 +77,7 @@ def test_same_seed_same_numbers_and_resume_after_interruption(tmp_path):
     class Stop(Exception):
         pass
 
-    def interrupt(stage, step, metrics):
+    def interrupt(stage, step, metrics, ckpt):
         if step == 40:
             raise Stop
     ck = tmp_path / "behavior.pt"
@@ -86,7 +86,7 @@ def test_same_seed_same_numbers_and_resume_after_interruption(tmp_path):
     assert torch.load(ck, weights_only=True)["step"] == 40
     steps_seen = []
     resumed = train_behavior(cfg, data.obs, data.actions, seed=3, ckpt_path=ck,
-                             callback=lambda st, step, m: steps_seen.append(step))
+                             callback=lambda st, step, m, ck: steps_seen.append(step))
     assert steps_seen[0] == 50                     # continued, not restarted
     assert torch.equal(torch.cat([p.flatten() for p in resumed.parameters()]), pa)
 
@@ -98,7 +98,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     beh = train_behavior(cfg.behavior, data.obs, data.actions)
     sup = generate_support(cfg.support, beh, data)
 
-    def poison(stage, step, metrics):
+    def poison(stage, step, metrics, ckpt):
         if step == 100:
             data.rewards[:] = float("nan")
     ck = tmp_path / "critic.pt"

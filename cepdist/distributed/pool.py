@@ -1,0 +1,61 @@
+"""Evaluation on a pool of Ray actors. Each actor holds its own MuJoCo environments and runs its share of
+the (guidance scale, episode) pairs in lockstep — one policy call per step for all of them — and the
+results merge into one EvalResult. Per-pair seeding makes the result independent of the split."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import ray
+
+from ..evaluation import EvalResult, all_pairs
+
+
+@ray.remote
+class EvalActor:
+    def __init__(self, threads: int = 1):
+        import torch
+        torch.set_num_threads(threads)
+
+    def run(self, payload: dict, task_name: str, scales, episodes, seed, pairs, max_steps=None):
+        from ..evaluation import evaluate
+        from ..tasks import get_task
+        return evaluate(policy_from_payload(payload), get_task(task_name), scales, episodes, seed, pairs, max_steps)
+
+
+def policy_payload(behavior_ck: dict, critic_ck: dict | None, method: str, solver: dict) -> dict:
+    """What an actor needs to rebuild the guided policy: checkpoint dicts (tensors) and settings."""
+    return {"behavior": behavior_ck, "critic": critic_ck, "method": method, "solver": solver}
+
+
+def policy_from_payload(p: dict):
+    from ..config import SolverConfig, from_dict
+    from ..qgpo import GuidedPolicy, load_behavior, load_critic
+    critic = load_critic(p["critic"]) if p["critic"] is not None else None
+    return GuidedPolicy(load_behavior(p["behavior"]), critic, p["method"], from_dict(SolverConfig, p["solver"]))
+
+
+class EvalPool:
+    """n actors, created once and reused for every evaluation of a trial."""
+
+    def __init__(self, n_actors: int, threads_per_actor: int = 1, num_cpus: float = 1):
+        self.actors = [EvalActor.options(num_cpus=num_cpus).remote(threads_per_actor) for _ in range(n_actors)]
+
+    def evaluate(self, payload: dict, task_name: str, scales: Sequence[float], episodes: int, seed: int = 0,
+                 max_steps: int | None = None) -> EvalResult:
+        pairs = all_pairs(len(scales), episodes)
+        ref = ray.put(payload)
+        shards = [pairs[i::len(self.actors)] for i in range(len(self.actors))]
+        futures = [a.run.remote(ref, task_name, list(scales), episodes, seed, sh, max_steps)
+                   for a, sh in zip(self.actors, shards) if sh]
+        parts = ray.get(futures)
+        out = EvalResult(list(map(float, scales)), np.full((len(scales), episodes), np.nan),
+                         np.full((len(scales), episodes), np.nan), 0, 0.0, np.full((len(scales), episodes), np.nan))
+        for p in parts:
+            out = out.merge(p)
+        return out
+
+    def close(self):
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,67 @@
+"""Any QGPO training stage, data-parallel under a Ray Train TorchTrainer.
+
+A stage is a function `stage(parallel, ckpt_path, callback, device)`; this module supplies the worker's
+rank and world size, DDP (gloo on CPU, NCCL on GPU), checkpoints through Ray Train (rank 0's stage
+checkpoint file), and on restart after a worker failure the last reported checkpoint, from which the
+stage function resumes. The global batch is preserved: the stage splits it across workers."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("cepdist")
+
+StageFn = Callable[..., None]
+
+
+def run_data_parallel(stage: StageFn, *, workers: int, ckpt_file: str, name: str, storage_path: str,
+                      use_gpu: bool = False, max_failures: int = 2, out: Path | None = None) -> Path:
+    """Run `stage` on `workers` Ray Train workers; return the final checkpoint file (copied to `out`)."""
+    import ray.train
+    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def loop(config):
+        import torch
+        from ray.train.torch import get_device, prepare_model
+        from cepdist.qgpo import Parallel
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = get_device() if use_gpu else torch.device("cpu")
+        work = Path(tempfile.mkdtemp(prefix="cepdist-train-"))
+        local = work / ckpt_file
+        restored = ray.train.get_checkpoint()
+        if restored is not None:                      # a restart: every rank resumes from rank 0's file
+            with restored.as_directory() as d:
+                shutil.copy(Path(d) / ckpt_file, local)
+        wrap = (lambda m: prepare_model(m, move_to_device=True)) if world > 1 else (lambda m: m.to(device))
+
+        def report(stage_name, step, metrics, saved):
+            metrics = {**metrics, "step": step}
+            if rank == 0 and saved is not None:
+                with tempfile.TemporaryDirectory() as d:
+                    shutil.copy(saved, Path(d) / ckpt_file)
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+        stage(Parallel(rank, world, wrap), local if (rank == 0 or restored is not None) else None, report, device)
+
+    trainer = TorchTrainer(
+        loop,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} ended without a checkpoint ({result.error})")
+    out = Path(out or tempfile.mkdtemp(prefix="cepdist-")) / ckpt_file if out is None or Path(out).is_dir() else Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copy(Path(d) / ckpt_file, out)
+    return out
