@@ -1,0 +1,35 @@
+"""Study presets: `paper` (reference settings, for GPUs), `smoke` (tiny, minutes on 2 CPU cores, no
+network, locally generated data) and `local` (the CPU-scale learning study)."""
+from __future__ import annotations
+
+from ..config import BehaviorConfig, CriticConfig, QGPOConfig, SolverConfig, SupportConfig
+from ..tasks import PAPER_ANTMAZE, PAPER_LOCOMOTION
+from .sweep import StudyConfig
+
+
+def preset(name: str) -> StudyConfig:
+    if name == "paper":
+        return StudyConfig(name="paper", tasks=PAPER_LOCOMOTION + PAPER_ANTMAZE, seeds=(0, 1, 2, 3, 4),
+                           base=QGPOConfig(), eval_episodes=10, eval_every=40_000, eval_actors=4,
+                           train_workers=1, use_gpu=True, trial_cpus=2)
+    if name == "smoke":
+        return StudyConfig(
+            name="smoke", tasks=("hopper-random-local",), seeds=(0, 1), betas=(3.0,), Ks=(8,), solver_steps=(5,),
+            scales=(0.0, 1.0, 3.0), dataset_rows=20_000, eval_episodes=2, eval_max_steps=200, eval_every=150,
+            eval_actors=1, trial_cpus=1, max_concurrent=1,
+            base=QGPOConfig(
+                behavior=BehaviorConfig(widths=(64, 32, 16), steps=300, batch_size=256, lr=1e-3, log_every=100,
+                                        ckpt_every=300),
+                support=SupportConfig(M=8, batch_states=2048, solver=SolverConfig(steps=5)),
+                critic=CriticConfig(q_hidden=(64, 64), f_hidden=(64, 64), steps=300, batch_size=128, lr_q=1e-3,
+                                    lr_f=1e-3, log_every=50, ckpt_every=150),
+                sampler=SolverConfig(steps=5)))
+    if name == "local":
+        return StudyConfig(
+            name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
+            seeds=(0, 1, 2), betas=(3.0,), Ks=(16,), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
+            dataset_rows=200_000, eval_episodes=5, eval_every=10_000, eval_actors=1, trial_cpus=1, max_concurrent=1,
+            base=QGPOConfig(behavior=BehaviorConfig(steps=20_000, batch_size=256, log_every=1000, ckpt_every=5000),
+                            support=SupportConfig(M=16, batch_states=256),
+                            critic=CriticConfig(steps=30_000, batch_size=256, log_every=1000, ckpt_every=10_000)))
+    raise ValueError(f"unknown preset {name!r}; expected paper, smoke or local")
