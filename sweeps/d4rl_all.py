@@ -26,6 +26,7 @@ from cepdist.tasks import LOCAL_ENVS, LOCAL_LEVELS, TASKS  # noqa: E402
 def parse(argv=None, mode: str = "grid"):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smoke", choices=["smoke", "paper", "local"])
+    p.add_argument("--config", help="a StudyConfig as YAML (overrides the preset; flags override both)")
     p.add_argument("--name", help="study name (MLflow experiment; default: the preset's)")
     p.add_argument("--tasks", nargs="+", help="task names (default: the preset's)")
     p.add_argument("--all-d4rl", action="store_true", help="every D4RL task (all levels, ant, AntMaze v0+v2)")
@@ -50,6 +51,14 @@ def parse(argv=None, mode: str = "grid"):
 
 def study_from_args(a):
     s = preset(a.preset)
+    if a.config:
+        import yaml
+        from cepdist.config import from_dict, to_dict
+        from cepdist.distributed.sweep import StudyConfig
+        d = to_dict(s)
+        user = yaml.safe_load(Path(a.config).read_text()) or {}
+        base = {**d.pop("base"), **user.pop("base", {})} if "base" in user else d.pop("base")
+        s = from_dict(StudyConfig, {**d, **user, "base": base})
     over = {"name": a.name, "seeds": a.seeds, "betas": a.betas, "Ks": a.Ks, "solver_steps": a.steps,
             "methods": a.methods, "scales": a.scales, "store": a.store, "mlflow_uri": a.mlflow_uri,
             "data_root": a.data_root, "policy_dir": a.policy_dir, "train_workers": a.train_workers,

@@ -1,0 +1,180 @@
+"""The Ray platform on real Ray: a multi-node cluster on one machine (head + 2 nodes), a node removed
+mid-study, an interrupted and resumed study, Ray Train data parallelism, and cluster.yaml validation."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import Cluster
+
+from cepdist.config import BehaviorConfig, CriticConfig, QGPOConfig, SolverConfig, SupportConfig, to_dict
+from cepdist.distributed.sweep import StudyConfig, run_study, trial_specs
+from cepdist.store import ArtifactStore
+from cepdist.tracking import MLflowTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def tiny_study(tmp: Path, name: str, seeds=(0, 1), betas=(3.0,)) -> StudyConfig:
+    return StudyConfig(
+        name=name, tasks=("hopper-random-local",), seeds=seeds, betas=betas, Ks=(4,), solver_steps=(3,),
+        scales=(0.0, 2.0), dataset_rows=3000, eval_episodes=2, eval_max_steps=15, eval_every=20, eval_actors=1,
+        trial_cpus=1, max_failures=3, store=str(tmp / "store"), mlflow_uri=f"sqlite:///{tmp}/mlflow.db",
+        data_root=str(tmp / "data"),
+        base=QGPOConfig(behavior=BehaviorConfig(widths=(16, 8, 4), steps=40, batch_size=64, log_every=20, ckpt_every=20),
+                        support=SupportConfig(M=4, batch_states=4096, solver=SolverConfig(steps=3)),
+                        critic=CriticConfig(q_hidden=(16,), f_hidden=(16,), steps=40, batch_size=32, log_every=20,
+                                            ckpt_every=20),
+                        sampler=SolverConfig(steps=3)))
+
+
+def check_complete(study: StudyConfig, summary: dict):
+    """Every trial has its result (all scales, every evaluation step) and exactly one MLflow run."""
+    specs = trial_specs(study)
+    store = ArtifactStore(study.store)
+    import pandas as pd
+    table = pd.read_csv(summary["results_table"])
+    assert len(table) == len(specs) * len(study.scales) * 2           # evaluations at critic steps 20 and 40
+    assert sorted(table.critic_step.unique()) == [20, 40]
+    tr = MLflowTracker(study.mlflow_uri, study.name)
+    runs = tr.client.search_runs([tr.experiment_id], max_results=1000)
+    keys = [r.data.tags["cepdist_key"] for r in runs]
+    assert sorted(keys) == sorted(s["keys"]["result"] for s in specs)     # one run per trial, no duplicates
+    for r in runs:
+        assert r.data.tags["key_critic"].startswith("critic-")
+        hist = tr.client.get_metric_history(r.info.run_id, "score_w2")
+        assert {m.step for m in hist} == {20, 40}
+        assert "config.critic.beta" in r.data.params
+    for s in specs:
+        assert store.exists(s["keys"]["behavior"]) and store.exists(s["keys"]["critic"])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [c.add_node(num_cpus=2) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_study_on_three_nodes(cluster, tmp_path):
+    study = tiny_study(tmp_path, "multinode", seeds=(0, 1, 2))
+    summary = run_study(study, tmp_path / "out")
+    check_complete(study, summary)
+    assert summary["executions"] == {"behavior": 3, "support": 3, "critic": 3, "evaluation": 3}
+    used = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(used) == 3
+
+
+def test_study_survives_the_loss_of_a_node(cluster, tmp_path):
+    c, nodes = cluster
+    study = tiny_study(tmp_path, "nodefail", seeds=(0, 1, 2, 3))
+    store = ArtifactStore(study.store)
+    killed = []
+
+    def kill_when_busy():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if any(e.get("stage") == "critic" for e in store.executions()):
+                c.remove_node(nodes[1])
+                killed.append(time.time())
+                return
+            time.sleep(0.2)
+    th = threading.Thread(target=kill_when_busy, daemon=True)
+    th.start()
+    summary = run_study(study, tmp_path / "out")
+    th.join()
+    assert killed, "the node was never removed"
+    check_complete(study, summary)
+    nodes[1] = c.add_node(num_cpus=2)          # leave the cluster as it was for later tests
+
+
+def test_interrupted_study_resumes_without_recomputing(tmp_path):
+    """A study killed mid-way, then run again: finished stages are reused, results are complete."""
+    if ray.is_initialized():
+        ray.shutdown()
+    study = tiny_study(tmp_path, "resume", seeds=(0, 1, 2), betas=(1.0, 3.0))
+    cfg = to_dict(study)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(ROOT / "sweeps" / "d4rl_all.py"), "--config", str(tmp_path / "study.yaml"),
+           "--out", str(tmp_path / "out")]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    store = ArtifactStore(study.store)
+    deadline = time.time() + 240
+    while time.time() < deadline and sum(e.get("stage") == "evaluation" for e in store.executions()) < 2:
+        time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    first = store.executions()
+    done_results = {e["key"] for e in first if e.get("stage") == "evaluation"}
+    assert 2 <= len(done_results) < 6, "the interruption should fall in the middle of the study"
+    summary = run_study(study, tmp_path / "out2")
+    ray.shutdown()
+    check_complete(study, summary)
+    again = summary["executions"]
+    # behaviour models (one per seed) and finished trials are not recomputed
+    assert again.get("behavior", 0) == 3 - sum(e.get("stage") == "behavior" for e in first)
+    assert again.get("evaluation", 0) == 6 - len(done_results)
+    total = {}
+    for e in store.executions():
+        total[e["key"]] = total.get(e["key"], 0) + 1
+    assert all(n == 1 for k, n in total.items() if not k.startswith("result-")), total
+
+
+def test_two_workers_give_the_loss_curve_of_one(tmp_path):
+    """Ray Train DDP at the same global batch: the loss curves agree within noise."""
+    import torch
+    from cepdist.distributed.train import run_data_parallel
+    from cepdist.qgpo import train_behavior
+    from helpers import bandit_dataset
+    if not ray.is_initialized():
+        ray.init(num_cpus=2)
+    cfg = BehaviorConfig(widths=(64, 32, 16), steps=120, batch_size=256, lr=1e-3, log_every=20, ckpt_every=60)
+    curves = {}
+    for workers in (1, 2):
+        log_file = tmp_path / f"loss{workers}.txt"
+
+        def stage(parallel, ckpt_path, callback, device, log_file=log_file):
+            data, _ = bandit_dataset(4000)
+
+            def cb(st, step, m, saved):
+                callback(st, step, m, saved)
+                if parallel.rank == 0:
+                    with open(log_file, "a") as f:
+                        f.write(f"{step} {m['loss']}\n")
+            train_behavior(cfg, data.obs, data.actions, seed=0, ckpt_path=ckpt_path, callback=cb, parallel=parallel)
+        ck = run_data_parallel(stage, workers=workers, ckpt_file="behavior.pt", name=f"ddp{workers}",
+                               storage_path=str(tmp_path / "ray"), out=tmp_path / f"w{workers}")
+        assert torch.load(ck, weights_only=True)["step"] == 120
+        curves[workers] = np.loadtxt(log_file)[:, 1]
+    ray.shutdown()
+    one, two = curves[1], curves[2]
+    assert len(one) == len(two) == 6
+    assert one[-1] < 0.7 * one[0] and two[-1] < 0.7 * two[0]          # both learn
+    assert np.all(np.abs(one[1:] - two[1:]) < 0.15 * one[1:]), (one, two)
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in types.values())
+    assert any("mlflow server" in c for c in cfg["head_start_ray_commands"] + cfg.get("head_setup_commands", []))
