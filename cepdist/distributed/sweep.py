@@ -234,8 +234,13 @@ def critic_trial(config: dict):
     support = SupportSet(sup_ck["actions"].to(device), sup_ck["obs_index"].to(device), sup_ck["next_index"].to(device))
 
     pool = EvalPool(study["eval_actors"])
-    history: list[dict] = []
     episodes, max_steps = study["eval_episodes"], study["eval_max_steps"] or None
+    # evaluations are stored as they happen: a retried trial (resuming its critic from the last checkpoint)
+    # keeps the learning curve of the attempt that failed
+    history: list[dict] = (store.get_json(keys["result"], "history.json")
+                           if store.exists(keys["result"], "history.json") else [])
+    for h in history:
+        tune.report(h)
 
     def evaluate(critic_ck, step, extra) -> dict:
         t0 = time.perf_counter()
@@ -244,7 +249,8 @@ def critic_trial(config: dict):
         m = {"critic_step": step, **res.summary(), **extra,
              "eval_env_steps_per_s": res.env_steps / max(time.perf_counter() - t0, 1e-9),
              "returns": res.returns.tolist()}
-        history.append(m)
+        history[:] = sorted([h for h in history if h["critic_step"] != step] + [m], key=lambda h: h["critic_step"])
+        store.put_json(keys["result"], history, name="history.json")
         tune.report(m)
         return m
 
@@ -255,10 +261,16 @@ def critic_trial(config: dict):
         else:
             t0 = time.perf_counter()
             wd = _workdir(store, keys["critic"])
+            is_eval_step = lambda step: bool(study["eval_every"]) and step % study["eval_every"] == 0 \
+                and step != cfg.critic.steps
+            partial = wd / "critic.pt"
+            if partial.is_file():     # resuming: the failed attempt may have died inside this step's evaluation
+                ck = checkpoint.load(partial)
+                if is_eval_step(ck["step"]) and all(h["critic_step"] != ck["step"] for h in history):
+                    evaluate(ck, ck["step"], {})
 
             def on_log(stage_name, step, metrics, saved):
-                if saved is not None and study["eval_every"] and (step % study["eval_every"] == 0
-                                                                   and step != cfg.critic.steps):
+                if saved is not None and is_eval_step(step):
                     evaluate(checkpoint.load(saved), step, metrics)
 
             def stage(parallel, ckpt_path, callback, dev):
