@@ -143,8 +143,9 @@ def test_two_workers_give_the_loss_curve_of_one(tmp_path):
     from cepdist.distributed.train import run_data_parallel
     from cepdist.qgpo import train_behavior
     from helpers import bandit_dataset
-    if not ray.is_initialized():
-        ray.init(num_cpus=2)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
     cfg = BehaviorConfig(widths=(64, 32, 16), steps=120, batch_size=256, lr=1e-3, log_every=20, ckpt_every=60)
     curves = {}
     for workers in (1, 2):

@@ -349,7 +349,7 @@ def run_study(study: StudyConfig, out: Path | None = None) -> dict:
     if study.data_root:
         sd["data_root"] = str(Path(study.data_root).resolve())
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
     storage = (sd["store"] + "/_tune") if "://" in sd["store"] else str(Path(sd["store"]) / "_tune")
     store = ArtifactStore(sd["store"])
     sd["run_id"] = uuid.uuid4().hex                   # tags this invocation's stage executions
