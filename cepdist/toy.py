@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
 from .config import BehaviorConfig, SolverConfig, to_dict
 from .diffusion import VPSchedule
 from .guidance import METHODS, energy_loss, guided_sample, make_guidance

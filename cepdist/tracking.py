@@ -43,7 +43,7 @@ class MLflowTracker:
 
     def start(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """The run for `key`: the existing one (a retried/resumed trial) or a new one."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
         run = self.find(key)
         if run is not None:
             return run.info.run_id

@@ -4,7 +4,6 @@ import functools
 import http.server
 import json
 import threading
-from pathlib import Path
 
 import h5py
 import numpy as np

@@ -1,7 +1,6 @@
 """Schedule and DPM-Solver++ against closed forms and analytic scores."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

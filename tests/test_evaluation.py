@@ -1,6 +1,5 @@
 """Lockstep evaluation on real MuJoCo environments."""
 import numpy as np
-import torch
 
 from cepdist.config import BehaviorConfig, CriticConfig
 from cepdist.evaluation import all_pairs, evaluate

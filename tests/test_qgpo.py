@@ -1,11 +1,9 @@
 """QGPO stages end to end on a generated bandit with a known optimum; checkpoints, resume, guards."""
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from cepdist import checkpoint
 from cepdist.config import (BehaviorConfig, CriticConfig, QGPOConfig, SupportConfig, dump_yaml, from_dict,
                             load_yaml, replace, to_dict)
 from cepdist.data import Transitions, episode_returns, preprocess_rewards

@@ -15,7 +15,6 @@ interruption, or with more scales or seeds) recomputes nothing that is stored; a
 by Tune. Each trial has one MLflow run (keyed, so a retry continues it), written by the driver."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -26,12 +25,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..config import QGPOConfig, from_dict, replace, to_dict
 from ..store import ArtifactStore, stage_key
+from ..tasks import get_task
 from ..tracking import DEFAULT_URI, MLflowTracker
 
 log = logging.getLogger("cepdist")
@@ -78,7 +77,6 @@ def _sensitivity(study: StudyConfig) -> list[dict]:
 
 def trial_specs(study: StudyConfig) -> list[dict]:
     """Every trial with its stage keys; the order is deterministic."""
-    from ..tasks import get_task
     combos = ([dict(zip(("beta", "K", "steps", "method"), c)) for c in
                itertools.product(study.betas, study.Ks, study.solver_steps, study.methods)]
               if study.mode == "grid" else _sensitivity(study))
@@ -132,7 +130,6 @@ def ensure_datasets(study: StudyConfig):
 def _load_data(study: dict, task_name: str, device):
     from .. import datasets
     from ..data import preprocess_rewards
-    from ..tasks import get_task
     root = Path(study["data_root"]) if study["data_root"] else None
     data, task = datasets.load(task_name, root=root)
     return preprocess_rewards(data, task.reward).to(device), task
@@ -202,7 +199,6 @@ def critic_trial(config: dict):
     import torch
     from ray import tune
     from .. import checkpoint
-    from ..evaluation import EvalResult
     from ..qgpo import SupportSet, generate_support, load_behavior, train_critic
     from .pool import EvalPool, policy_payload
     spec, study = config["spec"], config["study"]

@@ -7,7 +7,6 @@ stage function resumes. The global batch is preserved: the stage splits it acros
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path

@@ -1,0 +1,53 @@
+"""An interrupted study, run again: finished stages are reused and the results are complete.
+(Its own module: it must not share a machine-wide Ray cluster with the multi-node tests.)"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import yaml
+
+from cepdist.config import to_dict
+from cepdist.distributed.sweep import run_study
+from cepdist.store import ArtifactStore
+from test_platform import ROOT, check_complete, tiny_study
+
+pytestmark = pytest.mark.slow
+
+
+def test_interrupted_study_resumes_without_recomputing(tmp_path):
+    """A study killed mid-way, then run again: finished stages are reused, results are complete."""
+    if ray.is_initialized():
+        ray.shutdown()
+    study = tiny_study(tmp_path, "resume", seeds=(0, 1, 2), betas=(1.0, 3.0))
+    cfg = to_dict(study)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(ROOT / "sweeps" / "d4rl_all.py"), "--config", str(tmp_path / "study.yaml"),
+           "--out", str(tmp_path / "out")]
+    env = {**os.environ, "RAY_ADDRESS": "local"}      # a fresh local instance, whatever else runs
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    store = ArtifactStore(study.store)
+    deadline = time.time() + 240
+    while time.time() < deadline and sum(e.get("stage") == "evaluation" for e in store.executions()) < 2:
+        time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    first = store.executions()
+    done_results = {e["key"] for e in first if e.get("stage") == "evaluation"}
+    assert 2 <= len(done_results) < 6, "the interruption should fall in the middle of the study"
+    summary = run_study(study, tmp_path / "out2")
+    ray.shutdown()
+    check_complete(study, summary)
+    again = summary["executions"]
+    # behaviour models (one per seed) and finished trials are not recomputed
+    assert again.get("behavior", 0) == 3 - sum(e.get("stage") == "behavior" for e in first)
+    assert again.get("evaluation", 0) == 6 - len(done_results)
+    total = {}
+    for e in store.executions():
+        total[e["key"]] = total.get(e["key"], 0) + 1
+    assert all(n == 1 for k, n in total.items() if not k.startswith("result-")), total
