@@ -36,11 +36,12 @@ class EvalResult:
         return EvalResult(self.scales, r, n, self.env_steps + other.env_steps, max(self.seconds, other.seconds), L)
 
     def summary(self) -> dict[str, float]:
-        """Mean and standard error of the normalised score per scale (metric names for trackers)."""
+        """Per scale: mean and standard error of the normalised score, mean raw return (tracker metrics)."""
         out = {}
-        for w, row in zip(self.scales, self.normalized):
+        for w, row, raw in zip(self.scales, self.normalized, self.returns):
             out[f"score_w{w:g}"] = float(np.nanmean(row))
             out[f"score_w{w:g}_se"] = float(np.nanstd(row) / np.sqrt(max(np.sum(~np.isnan(row)), 1)))
+            out[f"return_w{w:g}"] = float(np.nanmean(raw))
         return out
 
 

@@ -26,7 +26,8 @@ def test_results_do_not_depend_on_how_pairs_are_batched():
     assert full.env_steps == merged.env_steps == int(full.lengths.sum())
     assert np.allclose(full.normalized, task.normalized_score(full.returns))
     s = full.summary()
-    assert set(s) == {"score_w0", "score_w0_se", "score_w2", "score_w2_se"}
+    assert set(s) == {"score_w0", "score_w0_se", "return_w0", "score_w2", "score_w2_se", "return_w2"}
+    assert np.isclose(s["return_w2"], full.returns[1].mean())
 
 
 def test_same_episode_seed_across_scales_starts_in_the_same_state():

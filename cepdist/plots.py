@@ -1,0 +1,95 @@
+"""Figures of a study, from the tidy results frame: sensitivity to each swept hyperparameter (with 95% CI
+bands over seeds), a task × guidance-scale heat map, and learning curves. PNG and PDF each."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .analysis import bootstrap_ci, final
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> list[Path]:
+    out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
+    for p in out:
+        fig.savefig(p, dpi=130, bbox_inches="tight")
+    _plt().close(fig)
+    return out
+
+
+def _band(g: pd.DataFrame, x: str, seed: int):
+    xs, m, lo, hi = [], [], [], []
+    for xv, gx in g.groupby(x):
+        per_seed = gx.groupby("seed")["score"].mean().to_numpy()
+        xs.append(xv); m.append(per_seed.mean())
+        l, h = bootstrap_ci(per_seed, 2000, seed=seed)
+        lo.append(l if not np.isnan(l) else per_seed.mean()); hi.append(h if not np.isnan(h) else per_seed.mean())
+    return np.array(xs), np.array(m), np.array(lo), np.array(hi)
+
+
+def sensitivity(df: pd.DataFrame, out: Path, seed: int = 0) -> list[Path]:
+    """Score against each hyperparameter that takes more than one value (scale: all of them; β, K, steps:
+    at each trial's best scale), one line per task with its 95% CI band over seeds."""
+    plt = _plt()
+    f = final(df)
+    best = f.loc[f.groupby(["task", "seed", "beta", "K", "steps", "method"])["score"].idxmax()]
+    files = []
+    for h, src, label in (("scale", f, "guidance scale w"), ("beta", best, "β (CEP temperature)"),
+                          ("K", best, "K support actions"), ("steps", best, "solver steps")):
+        if f[h].nunique() < 2 and h != "scale":
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for i, (task, g) in enumerate(src.groupby("task")):
+            xs, m, lo, hi = _band(g, h, seed)
+            ax.plot(xs, m, "o-", color=f"C{i}", label=task)
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
+        ax.set_xlabel(label); ax.set_ylabel("normalised score (mean, 95% CI over seeds)")
+        if h == "beta":
+            ax.set_xscale("log")
+        ax.legend(fontsize=7); ax.grid(alpha=0.3)
+        ax.set_title(f"Sensitivity to {label}" + ("" if h == "scale" else " (best w per trial)"))
+        files += _save(fig, out / f"sensitivity_{h}")
+    return files
+
+
+def heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
+    plt = _plt()
+    f = final(df)
+    piv = f.groupby(["task", "scale"])["score"].mean().unstack("scale")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * piv.shape[1], 1.0 + 0.45 * piv.shape[0]))
+    im = ax.imshow(piv.to_numpy(), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(piv.shape[1]), [f"{c:g}" for c in piv.columns])
+    ax.set_yticks(range(piv.shape[0]), piv.index)
+    for i in range(piv.shape[0]):
+        for j in range(piv.shape[1]):
+            v = piv.iat[i, j]
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < np.nanmean(piv.values) else "k",
+                        fontsize=8)
+    ax.set_xlabel("guidance scale w"); ax.set_title("Normalised score (mean over seeds and settings)")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, out / "heatmap_task_scale")
+
+
+def learning_curves(df: pd.DataFrame, out: Path, seed: int = 0) -> list[Path]:
+    plt = _plt()
+    tasks = sorted(df.task.unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = df[df.task == task]
+        for i, (w, gw) in enumerate(g.groupby("scale")):
+            xs, m, lo, hi = _band(gw, "critic_step", seed)
+            ax.plot(xs, m, "-", color=f"C{i}", label=f"w = {w:g}" + (" (behaviour)" if w == 0 else ""))
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        ax.set_title(task); ax.set_xlabel("critic step"); ax.grid(alpha=0.3)
+        ax.set_ylabel("normalised score (95% CI over seeds)")
+        ax.legend(fontsize=7)
+    return _save(fig, out / "learning_curves")

@@ -1,0 +1,112 @@
+"""Analysis: statistics against known values, selection rules, rendering, and a report built end to end
+from a real (small) MLflow store written by the platform."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cepdist import analysis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bootstrap_interval_covers_at_about_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    draws, n, mu = 400, 20, 50.0
+    hits = 0
+    for i in range(draws):
+        lo, hi = analysis.bootstrap_ci(rng.normal(mu, 10.0, n), n_boot=2000, seed=i)
+        hits += lo <= mu <= hi
+    # percentile intervals run slightly below nominal at n = 20
+    assert 0.88 <= hits / draws <= 0.98, hits / draws
+
+
+def test_bootstrap_is_reproducible_given_a_seed():
+    x = np.random.default_rng(0).normal(size=10)
+    assert analysis.bootstrap_ci(x, seed=3) == analysis.bootstrap_ci(x, seed=3)
+    assert analysis.bootstrap_ci(x, seed=3) != analysis.bootstrap_ci(x, seed=4)
+    assert np.isnan(analysis.bootstrap_ci([1.0])[0])
+    s = {"a": np.arange(5.0), "b": np.arange(5.0) * 2}
+    assert analysis.stratified_bootstrap(s, seed=1) == analysis.stratified_bootstrap(s, seed=1)
+
+
+def test_stratified_bootstrap_and_iqm():
+    assert np.isclose(analysis.iqm(np.arange(8.0)), np.mean([2, 3, 4, 5]))
+    scores = {"a": np.array([10.0, 10.0, 10.0]), "b": np.array([0.0, 20.0, 40.0])}
+    m, lo, hi = analysis.stratified_bootstrap(scores, "mean", seed=0)
+    assert np.isclose(m, (10 + 20) / 2)
+    # task a is constant: all the spread comes from b's seeds, halved by the average over two tasks
+    assert (10 + 0) / 2 <= lo < m < hi <= (10 + 40) / 2
+    const = {"a": np.full(4, 3.0), "b": np.full(4, 5.0)}
+    assert analysis.stratified_bootstrap(const, "iqm", seed=0) == (4.0, 4.0, 4.0)
+
+
+def synthetic_frame():
+    """Two tasks × 3 seeds × scales {0, 1, 3}, evaluated at steps 10 and 20; known scores."""
+    rows = []
+    true = {("hopper-medium-v2", 0.0): 40, ("hopper-medium-v2", 1.0): 60, ("hopper-medium-v2", 3.0): 70,
+            ("hopper-medium-local", 0.0): 30, ("hopper-medium-local", 1.0): 55, ("hopper-medium-local", 3.0): 45}
+    for (task, w), mu in true.items():
+        for seed, d in zip(range(3), (-3.0, 0.0, 3.0)):
+            for step in (10, 20):
+                rows.append({"task": task, "seed": seed, "beta": 3.0, "K": 16, "steps": 15, "method": "cep",
+                             "scale": w, "critic_step": step, "score": mu + d - (20 - step), "return": 0.0,
+                             "run_id": f"{task}{seed}"})
+    return pd.DataFrame(rows)
+
+
+def test_table_selection_rules_and_rendering():
+    df = synthetic_frame()
+    assert (analysis.final(df).critic_step == 20).all()
+    tt = analysis.task_table(df, fixed_scale=1.0, seed=0).set_index("task")
+    assert np.isclose(tt.loc["hopper-medium-v2", "fixed_mean"], 60) and tt.loc["hopper-medium-v2", "best_scale"] == 3
+    assert np.isclose(tt.loc["hopper-medium-local", "best_mean"], 55) and tt.loc["hopper-medium-local", "best_scale"] == 1
+    assert tt.loc["hopper-medium-v2", "fixed_n"] == 3
+    assert tt.loc["hopper-medium-v2", "published"] == 98.0 and np.isnan(tt.loc["hopper-medium-local", "published"])
+    lo, hi = tt.loc["hopper-medium-v2", ["fixed_lo", "fixed_hi"]]
+    assert 57 <= lo < 60 < hi <= 63
+    dt = analysis.domain_table(df, "best", 1.0, seed=0)
+    assert len(dt) == 1 and np.isclose(dt.iloc[0]["mean"], (70 + 55) / 2)
+    md, tex = analysis.render(analysis.task_table(df, 1.0), dt, 1.0)
+    assert "| hopper-medium-v2 |" in md and "98.0 ± 2.6" in md
+    local_row = next(l for l in md.splitlines() if l.startswith("| hopper-medium-local"))
+    assert local_row.rstrip().endswith("| – |")                  # no published number for a local task
+    assert "selected on the evaluation metric" in md and r"\begin{tabular}" in tex and "98.0 $\\pm$ 2.6" in tex
+
+
+@pytest.mark.slow
+def test_report_end_to_end_from_a_platform_study(tmp_path):
+    import ray
+    from cepdist.distributed.sweep import run_study
+    from test_platform import tiny_study
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    study = tiny_study(tmp_path, "report-e2e", seeds=(0, 1))
+    summary = run_study(study, tmp_path / "out")
+    ray.shutdown()
+    r = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), "--experiment", "report-e2e",
+                        "--tracking-uri", study.mlflow_uri, "--out", str(tmp_path / "report")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "report"
+    for name in ("index.md", "table.md", "table.tex", "table.csv", "domains.csv", "results.parquet",
+                 "heatmap_task_scale.png", "heatmap_task_scale.pdf", "learning_curves.png",
+                 "sensitivity_scale.png", "sensitivity_scale.pdf"):
+        assert (out / name).is_file(), name
+    frame = pd.read_parquet(out / "results.parquet")
+    res = pd.read_csv(summary["results_table"])
+    assert len(frame) == len(res)
+    merged = frame.merge(res, on=["seed", "scale", "critic_step"], suffixes=("", "_csv"))
+    assert np.allclose(merged.score, merged.score_csv) and np.allclose(merged["return"], merged.return_mean)
+    tt = pd.read_csv(out / "table.csv")
+    last = res[res.critic_step == res.critic_step.max()]
+    assert np.isclose(tt.fixed_mean.iloc[0], last[last.scale == 2.0].score.mean())   # w = 1 absent → max scale
+    assert "learning_curves.png" in (out / "index.md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), "--experiment", "nope",
+                          "--tracking-uri", study.mlflow_uri, "--out", str(tmp_path / "r2")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no MLflow experiment 'nope'" in bad.stderr
