@@ -1,5 +1,6 @@
 """The Ray platform on real Ray: a multi-node cluster on one machine (head + 2 nodes), a node removed
 mid-study, an interrupted and resumed study, Ray Train data parallelism, and cluster.yaml validation."""
+import os
 import threading
 import time
 from pathlib import Path
@@ -140,3 +141,39 @@ def test_cluster_yaml_passes_ray_validation():
     assert cfg["head_node_type"] in types
     assert any(t.get("resources", {}).get("GPU", 0) > 0 for t in types.values())
     assert any("mlflow server" in c for c in cfg["head_start_ray_commands"] + cfg.get("head_setup_commands", []))
+
+
+def test_ray_train_resumes_from_the_last_checkpoint_after_a_worker_dies(tmp_path):
+    """A worker process dies once at step 70; Ray Train restarts the group, which resumes from the
+    step-60 checkpoint (not from 0) and finishes."""
+    import torch
+    from cepdist.distributed.train import run_data_parallel
+    from cepdist.qgpo import train_behavior
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
+    cfg = BehaviorConfig(widths=(32, 16, 8), steps=100, batch_size=128, lr=1e-3, log_every=10, ckpt_every=30)
+    marker, log_file = tmp_path / "died", tmp_path / "steps.txt"
+
+    def stage(parallel, ckpt_path, callback, device):
+        from helpers import bandit_dataset
+        data, _ = bandit_dataset(2000)
+
+        def cb(st, step, m, saved):
+            callback(st, step, m, saved)
+            if parallel.rank == 0:
+                with open(log_file, "a") as f:
+                    f.write(f"{step}\n")
+            if parallel.rank == 1 and step == 70 and not marker.exists():
+                marker.write_text("x")
+                os._exit(1)                      # the worker process dies, no clean shutdown
+        train_behavior(cfg, data.obs, data.actions, seed=0, ckpt_path=ckpt_path, callback=cb, parallel=parallel)
+    ck = run_data_parallel(stage, workers=2, ckpt_file="behavior.pt", name="restart", max_failures=2,
+                           storage_path=str(tmp_path / "ray"), out=tmp_path / "out")
+    ray.shutdown()
+    assert marker.exists()
+    assert torch.load(ck, weights_only=True)["step"] == 100
+    steps = [int(s) for s in log_file.read_text().split()]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == 70 and steps[restart - 1] >= 60        # resumed after the step-60 checkpoint
+    assert steps[-1] == 100 and 10 not in steps[restart:]
