@@ -19,7 +19,8 @@ StageFn = Callable[..., None]
 
 def run_data_parallel(stage: StageFn, *, workers: int, ckpt_file: str, name: str, storage_path: str,
                       use_gpu: bool = False, max_failures: int = 2, out: Path | None = None) -> Path:
-    """Run `stage` on `workers` Ray Train workers; return the final checkpoint file (copied to `out`)."""
+    """Run `stage` on `workers` Ray Train workers; return the final checkpoint file, copied to `out` (a file
+    path, or an existing directory to put `ckpt_file` in; default a new temporary directory)."""
     import ray.train
     from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -59,7 +60,9 @@ def run_data_parallel(stage: StageFn, *, workers: int, ckpt_file: str, name: str
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} ended without a checkpoint ({result.error})")
-    out = Path(out or tempfile.mkdtemp(prefix="cepdist-")) / ckpt_file if out is None or Path(out).is_dir() else Path(out)
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cepdist-"))
+    if out.is_dir():                                  # a directory: the checkpoint keeps its file name
+        out = out / ckpt_file
     out.parent.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         shutil.copy(Path(d) / ckpt_file, out)
