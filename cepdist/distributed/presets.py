@@ -30,7 +30,7 @@ def preset(name: str) -> StudyConfig:
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
             seeds=(0, 1, 2), betas=(3.0,), Ks=(16,), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
-            dataset_rows=50_000, eval_episodes=5, eval_every=2500, eval_actors=1, trial_cpus=1, max_concurrent=1,
+            dataset_rows=50_000, eval_episodes=5, eval_every=2500, eval_actors=1, trial_cpus=1, max_concurrent=0,
             base=QGPOConfig(behavior=BehaviorConfig(steps=10_000, batch_size=256, log_every=500, ckpt_every=2500),
                             support=SupportConfig(M=16, batch_states=256),
                             critic=CriticConfig(steps=5000, batch_size=256, log_every=250, ckpt_every=2500)))

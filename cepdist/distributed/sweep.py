@@ -166,9 +166,15 @@ def _workdir(store: ArtifactStore, key: str) -> Path:
     return d
 
 
+def _trial_logging():
+    """Trials run in worker processes: show the stages' progress lines (rate, ETA) in the driver's output."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
 def behavior_trial(config: dict):
     """Tune trainable of stage 1: the behaviour model of one (task, dataset, seed, config), once."""
     from ray import tune
+    _trial_logging()
     from ..qgpo import train_behavior
     spec, study = config["spec"], config["study"]
     store = ArtifactStore(study["store"])
@@ -201,6 +207,7 @@ def critic_trial(config: dict):
     from .. import checkpoint
     from ..qgpo import SupportSet, generate_support, load_behavior, train_critic
     from .pool import EvalPool, policy_payload
+    _trial_logging()
     spec, study = config["spec"], config["study"]
     keys = spec["keys"]
     store = ArtifactStore(study["store"])
@@ -345,7 +352,7 @@ def run_study(study: StudyConfig, out: Path | None = None) -> dict:
     if study.data_root:
         sd["data_root"] = str(Path(study.data_root).resolve())
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
     storage = (sd["store"] + "/_tune") if "://" in sd["store"] else str(Path(sd["store"]) / "_tune")
     store = ArtifactStore(sd["store"])
     sd["run_id"] = uuid.uuid4().hex                   # tags this invocation's stage executions
