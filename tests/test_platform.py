@@ -99,12 +99,30 @@ def test_study_survives_the_loss_of_a_node(cluster, tmp_path):
     nodes[1] = c.add_node(num_cpus=2)          # leave the cluster as it was for later tests
 
 
+def logged_behavior_stage(cfg, n_rows, log_file, die_at=None, marker=None):
+    """A behaviour stage on the bandit dataset that appends "step loss" lines (rank 0) to log_file; with
+    die_at, worker rank 1 kills its own process once at that step (marker records that it happened)."""
+    def stage(parallel, ckpt_path, callback, device):
+        from cepdist.qgpo import train_behavior
+        from helpers import bandit_dataset
+        data, _ = bandit_dataset(n_rows)
+
+        def cb(st, step, m, saved):
+            callback(st, step, m, saved)
+            if parallel.rank == 0:
+                with open(log_file, "a") as f:
+                    f.write(f"{step} {m['loss']}\n")
+            if die_at is not None and parallel.rank == 1 and step == die_at and not marker.exists():
+                marker.write_text("x")
+                os._exit(1)                      # the worker process dies, no clean shutdown
+        train_behavior(cfg, data.obs, data.actions, seed=0, ckpt_path=ckpt_path, callback=cb, parallel=parallel)
+    return stage
+
+
 def test_two_workers_give_the_loss_curve_of_one(tmp_path):
     """Ray Train DDP at the same global batch: the loss curves agree within noise."""
     import torch
     from cepdist.distributed.train import run_data_parallel
-    from cepdist.qgpo import train_behavior
-    from helpers import bandit_dataset
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
@@ -112,16 +130,7 @@ def test_two_workers_give_the_loss_curve_of_one(tmp_path):
     curves = {}
     for workers in (1, 2):
         log_file = tmp_path / f"loss{workers}.txt"
-
-        def stage(parallel, ckpt_path, callback, device, log_file=log_file):
-            data, _ = bandit_dataset(4000)
-
-            def cb(st, step, m, saved):
-                callback(st, step, m, saved)
-                if parallel.rank == 0:
-                    with open(log_file, "a") as f:
-                        f.write(f"{step} {m['loss']}\n")
-            train_behavior(cfg, data.obs, data.actions, seed=0, ckpt_path=ckpt_path, callback=cb, parallel=parallel)
+        stage = logged_behavior_stage(cfg, 4000, log_file)
         ck = run_data_parallel(stage, workers=workers, ckpt_file="behavior.pt", name=f"ddp{workers}",
                                storage_path=str(tmp_path / "ray"), out=tmp_path / f"w{workers}")
         assert torch.load(ck, weights_only=True)["step"] == 120
@@ -148,32 +157,18 @@ def test_ray_train_resumes_from_the_last_checkpoint_after_a_worker_dies(tmp_path
     registered checkpoint (not from 0) and finishes."""
     import torch
     from cepdist.distributed.train import run_data_parallel
-    from cepdist.qgpo import train_behavior
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "tests")}})
     cfg = BehaviorConfig(widths=(32, 16, 8), steps=100, batch_size=128, lr=1e-3, log_every=10, ckpt_every=30)
     marker, log_file = tmp_path / "died", tmp_path / "steps.txt"
-
-    def stage(parallel, ckpt_path, callback, device):
-        from helpers import bandit_dataset
-        data, _ = bandit_dataset(2000)
-
-        def cb(st, step, m, saved):
-            callback(st, step, m, saved)
-            if parallel.rank == 0:
-                with open(log_file, "a") as f:
-                    f.write(f"{step}\n")
-            if parallel.rank == 1 and step == 70 and not marker.exists():
-                marker.write_text("x")
-                os._exit(1)                      # the worker process dies, no clean shutdown
-        train_behavior(cfg, data.obs, data.actions, seed=0, ckpt_path=ckpt_path, callback=cb, parallel=parallel)
+    stage = logged_behavior_stage(cfg, 2000, log_file, die_at=70, marker=marker)
     ck = run_data_parallel(stage, workers=2, ckpt_file="behavior.pt", name="restart", max_failures=2,
                            storage_path=str(tmp_path / "ray"), out=tmp_path / "out")
     ray.shutdown()
     assert marker.exists()
     assert torch.load(ck, weights_only=True)["step"] == 100
-    steps = [int(s) for s in log_file.read_text().split()]
+    steps = [int(line.split()[0]) for line in log_file.read_text().splitlines()]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     # resumed from a reported checkpoint (step 30 or 60: the controller registers reports asynchronously, so
     # the newest it knows of when the worker dies may lag by one), never from scratch
