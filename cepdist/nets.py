@@ -222,4 +222,4 @@ class ValueNet(nn.Module):
     def forward(self, a: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         if s is not None and a.dim() == s.dim() + 1:
             s = s.unsqueeze(-2)
-        return self.mlp.forward_projected(a, self.mlp.project_cond(s) if s is not None and s.shape[-1] else None)
+        return self.mlp.forward_projected(a, self.mlp.project_cond(s))

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import BehaviorConfig, CriticConfig, QGPOConfig, SolverConfig, SupportConfig, to_dict
+from .config import BehaviorConfig, CriticConfig, QGPOConfig, SolverConfig, SupportConfig, from_dict, to_dict
 from .critic import in_support_target, polyak, q_loss
-from .data import Transitions
+from .data import Transitions, preprocess_rewards
 from .diffusion import VPSchedule, denoising_loss
 from .guidance import Guidance, check_method, energy_loss, guided_sample, make_guidance
 from .loop import Callback, Loop, resume_state
@@ -132,7 +132,6 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
 def load_behavior(path_or_ck) -> ScoreNet:
     """A behaviour model from a checkpoint file or its loaded dict."""
     ck = path_or_ck if isinstance(path_or_ck, dict) else checkpoint.load(path_or_ck)
-    from .config import from_dict
     model = build_behavior(from_dict(BehaviorConfig, ck["config"]), ck["state_dim"], ck["action_dim"])
     model.load_state_dict(ck["model"])
     return model.eval()
@@ -290,7 +289,6 @@ def train_critic(cfg: CriticConfig, data: Transitions, support: SupportSet, *, s
 
 def load_critic(path_or_ck) -> Critic:
     """A critic from a checkpoint file or its loaded dict."""
-    from .config import from_dict
     ck = path_or_ck if isinstance(path_or_ck, dict) else checkpoint.load(path_or_ck)
     cfg = from_dict(CriticConfig, ck["config"])
     critic = build_critic(cfg, ck["state_dim"], ck["action_dim"])
@@ -343,7 +341,6 @@ class GuidedPolicy:
 def run_qgpo(cfg: QGPOConfig, data: Transitions, out_dir: Path | None = None,
              callback: Callback | None = None) -> GuidedPolicy:
     """All stages in order on one process; with out_dir, every stage checkpoints there and resumes."""
-    from .data import preprocess_rewards
     data = preprocess_rewards(data, cfg.reward)
     schedule = VPSchedule(cfg.beta_min, cfg.beta_max)
     path = (lambda name: Path(out_dir) / name) if out_dir is not None else (lambda name: None)

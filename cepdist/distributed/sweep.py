@@ -146,8 +146,7 @@ def _run_stage(study: dict, stage, key: str, ckpt_file: str, workdir: Path):
     if study["train_workers"] >= 1:
         from .train import run_data_parallel
         return run_data_parallel(stage, workers=study["train_workers"], ckpt_file=ckpt_file, name=key,
-                                 storage_path=str(Path(study["store"]).resolve() / "_ray_train")
-                                 if "://" not in study["store"] else study["store"] + "/_ray_train",
+                                 storage_path=study["store"].rstrip("/") + "/_ray_train",
                                  use_gpu=study["use_gpu"], max_failures=study["max_failures"], out=workdir)
     from ..qgpo import SINGLE
     path = workdir / ckpt_file
@@ -353,7 +352,7 @@ def run_study(study: StudyConfig, out: Path | None = None) -> dict:
         sd["data_root"] = str(Path(study.data_root).resolve())
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    storage = (sd["store"] + "/_tune") if "://" in sd["store"] else str(Path(sd["store"]) / "_tune")
+    storage = sd["store"].rstrip("/") + "/_tune"     # sd["store"] is absolute (or a URI) here
     store = ArtifactStore(sd["store"])
     sd["run_id"] = uuid.uuid4().hex                   # tags this invocation's stage executions
     t0 = time.perf_counter()
