@@ -69,6 +69,9 @@ def read_hdf5(path: Path, task: Task | None = None) -> dict[str, np.ndarray]:
             if arrays[k].shape[1] != want:
                 raise DatasetError(f"{path}: key {k!r} has dimension {arrays[k].shape[1]}, but task "
                                    f"{task.name} ({task.env_id}) expects {want}")
+        if task.env_id.startswith("Ant-") and np.any(arrays["observations"][:, 27:]):
+            log.warning("%s: observation dims 27-110 (contact forces) are not all zero; the evaluation "
+                        "environment supplies zeros there as D4RL's mujoco 2.0 files have (cepdist/envs.py)", path)
     return arrays
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .envs import make_env
 from .qgpo import GuidedPolicy
 from .tasks import Task
 
@@ -52,11 +53,9 @@ def all_pairs(n_scales: int, episodes: int) -> list[tuple[int, int]]:
 def evaluate(policy: GuidedPolicy, task: Task, scales: Sequence[float], episodes: int, seed: int = 0,
              pairs: Sequence[tuple[int, int]] | None = None, max_steps: int | None = None) -> EvalResult:
     """Run the (scale index, episode) pairs (default: all) to the end of their episodes."""
-    import gymnasium as gym
     scales = [float(w) for w in scales]
     pairs = list(pairs) if pairs is not None else all_pairs(len(scales), episodes)
-    horizon = max_steps or task.episode_length
-    envs = [gym.make(task.env_id, max_episode_steps=horizon) for _ in pairs]
+    envs = [make_env(task, max_steps) for _ in pairs]
     obs = np.stack([env.reset(seed=seed * 100_003 + e)[0] for env, (_, e) in zip(envs, pairs)])
     dev = policy.device
     # common random numbers: episode e has the same reset and the same sampler noise under every scale

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cepdist.distributed.presets import preset  # noqa: E402
-from cepdist.distributed.sweep import run_study  # noqa: E402
+from cepdist.distributed.sweep import StudyInterrupted, run_study  # noqa: E402
 from cepdist.tasks import LOCAL_ENVS, LOCAL_LEVELS, TASKS  # noqa: E402
 
 
@@ -78,7 +78,10 @@ def main(argv=None, mode: str = "grid"):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     a = parse(argv, mode)
     study = study_from_args(a)
-    summary = run_study(study, Path(a.out) if a.out else None)
+    try:
+        summary = run_study(study, Path(a.out) if a.out else None)
+    except StudyInterrupted as e:
+        sys.exit(f"{e}")
     print(json.dumps(summary, indent=2))
     print(f"\nresults table: {summary['results_table']}")
     print(f"browse the runs: {summary['mlflow']}")

@@ -7,8 +7,8 @@ from cepdist.qgpo import GuidedPolicy, build_behavior, build_critic
 from cepdist.tasks import get_task
 
 
-def tiny_policy(seed=0):
-    task = get_task("hopper-medium-local")
+def tiny_policy(seed=0, task="hopper-medium-local"):
+    task = get_task(task)
     beh = build_behavior(BehaviorConfig(widths=(16, 8, 4)), task.obs_dim, task.act_dim, seed)
     critic = build_critic(CriticConfig(q_hidden=(8,), f_hidden=(8,)), task.obs_dim, task.act_dim, seed)
     return GuidedPolicy(beh, critic), task

@@ -42,3 +42,16 @@ def test_mlflow_runs_are_keyed_and_batched(tmp_path):
     assert run.data.params["critic.beta"] == "3.0" and run.data.tags["cepdist_key"] == "trial-abc"
     hist = tr.client.get_metric_history(rid, "score_w1")
     assert [(m.step, m.value) for m in hist] == [(10, 50.0), (20, 55.0)]
+
+
+def test_an_interrupted_phase_stops_the_study_naming_what_is_missing(tmp_path):
+    """Tune returns normally on Ctrl-C; the study must stop there instead of starting the next phase."""
+    import pytest
+    from cepdist.distributed.sweep import StudyInterrupted, _check_complete
+    store = ArtifactStore(tmp_path)
+    src = tmp_path / "x.pt"
+    torch.save({"a": 1}, src)
+    store.put_file("behavior-aaa", src)
+    _check_complete(store, ["behavior-aaa", "behavior-aaa"], "artifact.pt", "behaviour")
+    with pytest.raises(StudyInterrupted, match="1 behaviour artifact.*behavior-bbb.*again to resume"):
+        _check_complete(store, ["behavior-aaa", "behavior-bbb"], "artifact.pt", "behaviour")

@@ -374,12 +374,14 @@ def run_study(study: StudyConfig, out: Path | None = None) -> dict:
     r1 = tuner(behavior_trial, unique, f"{study.name}-{_digest(unique)}-behavior", train_res)
     if r1.errors:
         raise RuntimeError(f"behaviour stage failed: {r1.errors[0]}")
+    _check_complete(store, [s["keys"]["behavior"] for s in unique], "artifact.pt", "behaviour")
     t1 = time.perf_counter()
     pg = tune.PlacementGroupFactory([train_res] + [{"CPU": 1}] * study.eval_actors)
     r2 = tuner(critic_trial, specs, f"{study.name}-{_digest(specs)}-critic", pg,
                [mlflow_callback(study.mlflow_uri, study.name)])
     if r2.errors:
         raise RuntimeError(f"{len(r2.errors)} trial(s) failed after retries: {r2.errors[0]}")
+    _check_complete(store, [s["keys"]["result"] for s in specs], "result.json", "trial")
     table = write_results(store, specs, out)
     summary = {"trials": len(specs), "results_table": str(table), "store": sd["store"],
                "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
@@ -387,6 +389,19 @@ def run_study(study: StudyConfig, out: Path | None = None) -> dict:
                "seconds": {"behavior": t1 - t0, "critic_and_eval": time.perf_counter() - t1}}
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class StudyInterrupted(RuntimeError):
+    pass
+
+
+def _check_complete(store: ArtifactStore, keys: list[str], name: str, what: str):
+    """Tune returns normally when interrupted (Ctrl-C, SIGTERM): stop here rather than start the next
+    phase on missing artifacts. Everything finished so far is in the store; rerunning resumes."""
+    missing = [k for k in dict.fromkeys(keys) if not store.exists(k, name)]
+    if missing:
+        raise StudyInterrupted(f"study interrupted: {len(missing)} {what} artifact(s) not finished "
+                               f"(first: {missing[0]}); run the same command again to resume")
 
 
 def _digest(items) -> str:
