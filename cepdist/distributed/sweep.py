@@ -129,10 +129,12 @@ def ensure_datasets(study: StudyConfig):
 
 def _load_data(study: dict, task_name: str, device):
     from .. import datasets
-    from ..data import preprocess_rewards
+    from ..data import episode_returns, preprocess_rewards
     root = Path(study["data_root"]) if study["data_root"] else None
     data, task = datasets.load(task_name, root=root)
-    return preprocess_rewards(data, task.reward).to(device), task
+    # the behaviour dataset's own normalised score: mean over its complete episodes, before preprocessing
+    score = float(task.normalized_score(episode_returns(data.rewards.numpy(), data.ends.numpy()).mean()))
+    return preprocess_rewards(data, task.reward).to(device), task, score
 
 
 # ---------------------------------------------------------------- stage execution (inside trials)
@@ -183,7 +185,7 @@ def behavior_trial(config: dict):
         t0 = time.perf_counter()
 
         def stage(parallel, ckpt_path, callback, device):
-            data, _ = _load_data(study, spec["task"], device)
+            data, _, _ = _load_data(study, spec["task"], device)
             train_behavior(cfg.behavior, data.obs, data.actions, seed=cfg.seed, ckpt_path=ckpt_path,
                            callback=callback, parallel=parallel)
         path = _run_stage(study, stage, key, "behavior.pt", _workdir(store, key))
@@ -220,7 +222,8 @@ def critic_trial(config: dict):
     if study["train_workers"] == 0:
         torch.set_num_threads(max(1, int(study["trial_cpus"])))
     behavior_ck = _fetch(store, keys["behavior"])
-    data, task = _load_data(study, spec["task"], device)
+    data, task, dataset_score = _load_data(study, spec["task"], device)
+    dataset = {"dataset_score": dataset_score}                 # reported beside every evaluation
 
     if store.exists(keys["support"]):
         sup_ck = _fetch(store, keys["support"])
@@ -248,7 +251,7 @@ def critic_trial(config: dict):
         t0 = time.perf_counter()
         res = pool.evaluate(policy_payload(behavior_ck, critic_ck, spec["method"], to_dict(cfg.sampler)),
                             task.name, spec["scales"], episodes, seed=10_000 + cfg.seed, max_steps=max_steps)
-        m = {"critic_step": step, **res.summary(), **extra,
+        m = {"critic_step": step, **res.summary(), **extra, **dataset,
              "eval_env_steps_per_s": res.env_steps / max(time.perf_counter() - t0, 1e-9),
              "returns": res.returns.tolist()}
         history[:] = sorted([h for h in history if h["critic_step"] != step] + [m], key=lambda h: h["critic_step"])
@@ -271,7 +274,10 @@ def critic_trial(config: dict):
                 if is_eval_step(ck["step"]) and all(h["critic_step"] != ck["step"] for h in history):
                     evaluate(ck, ck["step"], {})
 
+            last_log: dict = {}           # the final evaluation carries the last logged losses and Q statistics
+
             def on_log(stage_name, step, metrics, saved):
+                last_log.clear(); last_log.update(metrics)
                 if saved is not None and is_eval_step(step):
                     evaluate(checkpoint.load(saved), step, metrics)
 
@@ -288,7 +294,7 @@ def critic_trial(config: dict):
             store.record_execution(keys["critic"], {"stage": "critic", "run": study["run_id"],
                                                     "seconds": time.perf_counter() - t0})
             critic_ck = checkpoint.load(path)
-            evaluate(critic_ck, cfg.critic.steps, {})
+            evaluate(critic_ck, cfg.critic.steps, last_log)
         store.put_json(keys["result"], {"spec": {k: v for k, v in spec.items() if k != "config"},
                                         "history": history})
         store.record_execution(keys["result"], {"stage": "evaluation", "run": study["run_id"]})
