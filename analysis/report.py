@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Build a study's report from its MLflow runs: the tidy results frame (Parquet), the results table
-(Markdown, LaTeX, CSV) with per-domain aggregates, sensitivity figures, the task × scale heat map, learning
+(Markdown, LaTeX, CSV) with per-domain aggregates, every scale against w = 0 beside the dataset's own
+score, the critic's losses and Q statistics, sensitivity figures, the task × scale heat map, learning
 curves (PNG + PDF), and an index.md linking them.
 
     python analysis/report.py --experiment smoke --out results/smoke/report
@@ -34,12 +35,19 @@ def build(experiment: str, tracking_uri: str, out: Path, fixed_scale: float | No
     (out / "table.tex").write_text(tex)
     tt.to_csv(out / "table.csv", index=False)
     dt.to_csv(out / "domains.csv", index=False)
-    figs = plots.sensitivity(df, out, seed) + plots.heatmap(df, out) + plots.learning_curves(df, out, seed)
+    st = analysis.scale_table(df, seed=seed)
+    st.to_csv(out / "scales.csv", index=False)
+    diag = analysis.diagnostics_from_mlflow(experiment, tracking_uri)
+    diag.to_csv(out / "critic.csv", index=False)
+    figs = plots.sensitivity(df, out, seed) + plots.heatmap(df, out) + plots.learning_curves(df, out, seed) \
+        + plots.q_statistics(diag, out)
     lines = [f"# Study `{experiment}`", "", f"Tracking URI: `{tracking_uri}`; {df.run_id.nunique()} runs, "
              f"{df.task.nunique()} task(s), {df.seed.nunique()} seed(s), scales {', '.join(f'{s:g}' for s in scales)}.",
-             "", "## Results table", "", md, "",
-             "Files: [table.md](table.md), [table.tex](table.tex), [table.csv](table.csv), "
-             "[domains.csv](domains.csv), [results.parquet](results.parquet) (the tidy frame).", "", "## Figures", ""]
+             "", "## Results table", "", md, "", "## Every guidance scale against the behaviour model (w = 0)", "",
+             analysis.render_scale_table(st), "",
+             "Files: [table.md](table.md), [table.tex](table.tex), [table.csv](table.csv), [scales.csv](scales.csv), "
+             "[domains.csv](domains.csv), [critic.csv](critic.csv) (losses and Q statistics per evaluation), "
+             "[results.parquet](results.parquet) (the tidy frame).", "", "## Figures", ""]
     for f in figs:
         if f.suffix == ".png":
             lines += [f"### {f.stem.replace('_', ' ')}", "", f"![{f.stem}]({f.name}) ([PDF]({f.stem}.pdf))", ""]

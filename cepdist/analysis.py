@@ -15,6 +15,7 @@ from .tasks import TASKS
 
 KEYS = ["task", "seed", "beta", "K", "steps", "method", "scale", "critic_step"]
 HYPER = ["beta", "K", "steps", "method"]
+DIAGNOSTICS = ["q_mean", "q_std", "target_mean", "q_loss", "f_loss"]
 
 # QGPO, paper Table 1 (normalised ×100, mean ± std); AntMaze version not stated by the authors
 PUBLISHED_QGPO = {
@@ -40,30 +41,50 @@ def domain(task: str) -> str:
 
 
 # ---------------------------------------------------------------- the tidy frame
-def frame_from_mlflow(experiment: str, tracking_uri: str) -> pd.DataFrame:
-    """One row per (task, seed, β, K, steps, method, scale, evaluation step): score and raw return."""
+def _runs(experiment: str, tracking_uri: str):
+    """(run base columns, metric-history reader) for every trial run of an experiment."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
         raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}; found: {', '.join(names) or 'none'}")
-    rows = []
     for run in client.search_runs([exp.experiment_id], max_results=50_000):
         p = run.data.params
         if "scales" not in p:
             continue
         base = {"task": p["task"], "seed": int(p["seed"]), "beta": float(p["beta"]), "K": int(p["K"]),
                 "steps": int(p["steps"]), "method": p["method"], "run_id": run.info.run_id}
-        for w in (float(x) for x in p["scales"].strip("[]").split(",")):
-            score = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"score_w{w:g}")}
-            ret = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"return_w{w:g}")}
+        history = lambda name, rid=run.info.run_id: {  # noqa: E731
+            m.step: m.value for m in client.get_metric_history(rid, name)}
+        yield base, [float(x) for x in p["scales"].strip("[]").split(",")], history
+
+
+def frame_from_mlflow(experiment: str, tracking_uri: str) -> pd.DataFrame:
+    """One row per (task, seed, β, K, steps, method, scale, evaluation step): score, raw return, and the
+    behaviour dataset's own score."""
+    rows = []
+    for base, scales, history in _runs(experiment, tracking_uri):
+        dataset = history("dataset_score")
+        for w in scales:
+            score, ret = history(f"score_w{w:g}"), history(f"return_w{w:g}")
             for step, v in score.items():
-                rows.append({**base, "scale": w, "critic_step": int(step), "score": v, "return": ret.get(step, np.nan)})
+                rows.append({**base, "scale": w, "critic_step": int(step), "score": v,
+                             "return": ret.get(step, np.nan), "dataset_score": dataset.get(step, np.nan)})
     if not rows:
         raise ValueError(f"experiment {experiment!r} has no evaluated trials")
-    df = pd.DataFrame(rows)
-    return df.sort_values(KEYS).reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(KEYS).reset_index(drop=True)
+
+
+def diagnostics_from_mlflow(experiment: str, tracking_uri: str) -> pd.DataFrame:
+    """The critic's training statistics per trial and evaluation step: losses, Q̄ over the support
+    actions (mean, std), Q-target mean."""
+    rows = []
+    for base, _, history in _runs(experiment, tracking_uri):
+        stats = {k: history(k) for k in DIAGNOSTICS}
+        for step in sorted(set().union(*stats.values())):
+            rows.append({**base, "critic_step": int(step), **{k: v.get(step, np.nan) for k, v in stats.items()}})
+    return pd.DataFrame(rows, columns=[*KEYS[:6], "run_id", "critic_step", *DIAGNOSTICS])
 
 
 def final(df: pd.DataFrame) -> pd.DataFrame:
@@ -130,6 +151,53 @@ def task_table(df: pd.DataFrame, fixed_scale: float, seed: int = 0, n_boot: int 
         rec["published_std"] = pub[1] if pub else np.nan
         rows.append(rec)
     return pd.DataFrame(rows)
+
+
+def scale_table(df: pd.DataFrame, seed: int = 0, n_boot: int = 10_000) -> pd.DataFrame:
+    """Per task (and setting), at the last evaluation: mean and 95% CI over seeds for every guidance scale,
+    the dataset's own score, and the best w > 0 against w = 0 (the behaviour model alone): whether its CI
+    lies above w = 0's, and the paired per-seed difference with its CI (episodes share resets and sampler
+    noise across scales, so the pairing is exact)."""
+    f = final(df)
+    rows = []
+    for keys, g in f.groupby(["task"] + HYPER):
+        rec = dict(zip(["task"] + HYPER, keys))
+        rec["dataset"] = float(g["dataset_score"].mean()) if "dataset_score" in g else np.nan
+        per = {}
+        for w, gw in g.groupby("scale"):
+            sc = gw.sort_values("seed").set_index("seed")["score"]
+            per[float(w)] = sc
+            lo, hi = bootstrap_ci(sc.to_numpy(), n_boot, seed=seed)
+            rec.update({f"w{w:g}_mean": float(sc.mean()), f"w{w:g}_lo": lo, f"w{w:g}_hi": hi, f"w{w:g}_n": len(sc)})
+        positive = [w for w in per if w > 0]
+        if 0.0 in per and positive:
+            best = max(positive, key=lambda w: per[w].mean())
+            d = (per[best] - per[0.0]).dropna().to_numpy()
+            lo, hi = bootstrap_ci(d, n_boot, seed=seed)
+            rec.update({"best_w": best, "diff_mean": float(d.mean()), "diff_lo": lo, "diff_hi": hi,
+                        "beats_w0": bool(rec[f"w{best:g}_lo"] > rec["w0_hi"])})
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def render_scale_table(st: pd.DataFrame) -> str:
+    """Markdown of scale_table."""
+    scales = sorted({float(c[1:-5]) for c in st.columns if c.startswith("w") and c.endswith("_mean")})
+    head = ["task", "dataset"] + [f"w = {w:g}" + (" (behaviour)" if w == 0 else "") for w in scales] + \
+        ["n", "best w > 0 − (w = 0), paired", "CIs separate"]
+    md = ["Normalised score ×100 at the last evaluation: mean over seeds [95% bootstrap CI over seeds]; "
+          "'dataset': the behaviour dataset's own mean episode score.", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in st.iterrows():
+        cells = [r.task, "–" if np.isnan(r.dataset) else f"{r.dataset:.1f}"]
+        cells += [_cell(r[f"w{w:g}_mean"], r[f"w{w:g}_lo"], r[f"w{w:g}_hi"]) for w in scales]
+        cells.append(str(int(r[f"w{scales[0]:g}_n"])))
+        if "best_w" in r and not pd.isna(r.get("best_w")):
+            cells += [f"w = {r.best_w:g}: {_cell(r.diff_mean, r.diff_lo, r.diff_hi)}", "yes" if r.beats_w0 else "no"]
+        else:
+            cells += ["–", "–"]
+        md.append("| " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
 
 
 def domain_table(df: pd.DataFrame, scale_rule: str, fixed_scale: float, seed: int = 0) -> pd.DataFrame:

@@ -103,11 +103,21 @@ def to_transitions(arr: dict[str, np.ndarray], max_episode_steps: int | None = N
     return Transitions.from_numpy(o, arr["actions"][idx], arr["rewards"][idx], next_obs, terms, ends)
 
 
-def summarize(arr: dict[str, np.ndarray], task: Task, path: Path | str = "") -> dict:
-    """Counts and the behaviour score of a dataset: returns over complete episodes (terminal or timeout)."""
+def episode_ends(arr: dict[str, np.ndarray]) -> np.ndarray:
     term = arr["terminals"].astype(bool)
-    ends = term | arr.get("timeouts", np.zeros_like(term)).astype(bool)
-    rets = episode_returns(arr["rewards"], ends)
+    return term | arr.get("timeouts", np.zeros_like(term)).astype(bool)
+
+
+def behaviour_score(arr: dict[str, np.ndarray], task: Task) -> float:
+    """The dataset's own normalised score: mean return over its complete episodes (terminal or timeout)."""
+    rets = episode_returns(arr["rewards"], episode_ends(arr))
+    return float(task.normalized_score(rets.mean())) if len(rets) else float("nan")
+
+
+def summarize(arr: dict[str, np.ndarray], task: Task, path: Path | str = "") -> dict:
+    """Counts and the behaviour score of a dataset."""
+    term = arr["terminals"].astype(bool)
+    rets = episode_returns(arr["rewards"], episode_ends(arr))
     mean = float(rets.mean()) if len(rets) else float("nan")
     return {"task": task.name, "path": str(path), "transitions": len(to_transitions(arr, task.episode_length)),
             "rows": int(len(term)), "episodes": int(len(rets)), "terminals": int(term.sum()),
@@ -151,6 +161,13 @@ def download(task: Task, root: Path | None = None, timeout: float = 60.0) -> Pat
 def load(task_name: str, path: str | Path | None = None, root: Path | None = None,
          allow_download: bool = False) -> tuple[Transitions, Task]:
     """Transitions of a task, from an explicit file or the D4RL cache (downloading only when allowed)."""
+    arr, task = load_arrays(task_name, path, root, allow_download)
+    return to_transitions(arr, task.episode_length), task
+
+
+def load_arrays(task_name: str, path: str | Path | None = None, root: Path | None = None,
+                allow_download: bool = False) -> tuple[dict[str, np.ndarray], Task]:
+    """The validated arrays of a task's file (see `load`)."""
     task = get_task(task_name)
     if path is None:
         path = local_path(task, root)
@@ -161,7 +178,7 @@ def load(task_name: str, path: str | Path | None = None, root: Path | None = Non
                 how = (f"`cepdist data download {task.name}`" if task.url
                        else f"`cepdist data generate --task {task.name}`")
                 raise DatasetError(f"{task.name}: no file at {path}; get it with {how}, or pass an explicit path")
-    return to_transitions(read_hdf5(Path(path), task), task.episode_length), task
+    return read_hdf5(Path(path), task), task
 
 
 # ---------------------------------------------------------------- Minari

@@ -77,6 +77,24 @@ def test_table_selection_rules_and_rendering():
     assert "selected on the evaluation metric" in md and r"\begin{tabular}" in tex and "98.0 $\\pm$ 2.6" in tex
 
 
+def test_every_scale_against_the_behaviour_model():
+    df = synthetic_frame().assign(dataset_score=lambda d: np.where(d.task == "hopper-medium-v2", 44.0, 33.0))
+    st = analysis.scale_table(df, seed=0).set_index("task")
+    r = st.loc["hopper-medium-v2"]
+    assert (r.w0_mean, r.w1_mean, r.w3_mean, r.w0_n, r.dataset) == (40, 60, 70, 3, 44.0)
+    assert r.best_w == 3 and r.diff_mean == 30 and (r.diff_lo, r.diff_hi) == (30, 30) and r.beats_w0
+    assert 37 <= r.w0_lo < 40 < r.w0_hi <= 43
+    # overlapping intervals: the best w > 0 is 1 point better on every seed, but its CI overlaps w = 0's
+    close = df.copy()
+    loc = close.task == "hopper-medium-local"
+    close.loc[loc & (close.scale == 1.0), "score"] -= 24          # 31 ± 3 against 30 ± 3
+    close.loc[loc & (close.scale == 3.0), "score"] -= 16          # 29 ± 3
+    r = analysis.scale_table(close, seed=0).set_index("task").loc["hopper-medium-local"]
+    assert r.best_w == 1 and np.isclose(r.diff_mean, 1) and not r.beats_w0
+    md = analysis.render_scale_table(st.reset_index())
+    assert "| hopper-medium-v2 | 44.0 | 40.0 [" in md and "w = 3: 30.0 [30.0, 30.0] | yes |" in md
+
+
 @pytest.mark.slow
 def test_report_end_to_end_from_a_platform_study(tmp_path):
     import ray
@@ -95,7 +113,7 @@ def test_report_end_to_end_from_a_platform_study(tmp_path):
     out = tmp_path / "report"
     for name in ("index.md", "table.md", "table.tex", "table.csv", "domains.csv", "results.parquet",
                  "heatmap_task_scale.png", "heatmap_task_scale.pdf", "learning_curves.png",
-                 "sensitivity_scale.png", "sensitivity_scale.pdf"):
+                 "sensitivity_scale.png", "sensitivity_scale.pdf", "scales.csv", "critic.csv", "q_statistics.png"):
         assert (out / name).is_file(), name
     frame = pd.read_parquet(out / "results.parquet")
     res = pd.read_csv(summary["results_table"])
@@ -106,6 +124,16 @@ def test_report_end_to_end_from_a_platform_study(tmp_path):
     last = res[res.critic_step == res.critic_step.max()]
     assert np.isclose(tt.fixed_mean.iloc[0], last[last.scale == 2.0].score.mean())   # w = 1 absent → max scale
     assert "learning_curves.png" in (out / "index.md").read_text()
+    # the dataset's own score, as `cepdist data info` computes it from the file
+    from cepdist import datasets
+    from cepdist.tasks import get_task
+    task = get_task(study.tasks[0])
+    info = datasets.summarize(datasets.read_hdf5(datasets.local_path(task, Path(study.data_root))), task)
+    assert np.allclose(frame.dataset_score, info["normalized_score"], rtol=1e-4)
+    # Q statistics at every evaluation, including the last
+    diag = pd.read_csv(out / "critic.csv")
+    assert sorted(diag.critic_step.unique()) == sorted(res.critic_step.unique())
+    assert np.isfinite(diag[["q_mean", "q_std", "f_loss"]].to_numpy()).all()
     bad = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), "--experiment", "nope",
                           "--tracking-uri", study.mlflow_uri, "--out", str(tmp_path / "r2")],
                          capture_output=True, text=True)

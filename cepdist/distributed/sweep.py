@@ -129,12 +129,11 @@ def ensure_datasets(study: StudyConfig):
 
 def _load_data(study: dict, task_name: str, device):
     from .. import datasets
-    from ..data import episode_returns, preprocess_rewards
+    from ..data import preprocess_rewards
     root = Path(study["data_root"]) if study["data_root"] else None
-    data, task = datasets.load(task_name, root=root)
-    # the behaviour dataset's own normalised score: mean over its complete episodes, before preprocessing
-    score = float(task.normalized_score(episode_returns(data.rewards.numpy(), data.ends.numpy()).mean()))
-    return preprocess_rewards(data, task.reward).to(device), task, score
+    arr, task = datasets.load_arrays(task_name, root=root)
+    data = datasets.to_transitions(arr, task.episode_length)
+    return preprocess_rewards(data, task.reward).to(device), task, datasets.behaviour_score(arr, task)
 
 
 # ---------------------------------------------------------------- stage execution (inside trials)
