@@ -44,7 +44,8 @@ def parse(argv=None, mode: str = "grid"):
     p.add_argument("--policy-dir", help="agents for generating *-local datasets (or $CEPDIST_POLICY_DIR)")
     p.add_argument("--train-workers", type=int, help="Ray Train workers per stage (0: train inside the trial)")
     p.add_argument("--gpu", action="store_true", default=None)
-    p.add_argument("--eval-actors", type=int)
+    p.add_argument("--eval-actors", type=int, help="evaluation actors per trial (0: evaluate inside the trial, "
+                   "sharing its CPUs; for one machine)")
     p.add_argument("--out", help="results folder (default results/<name>)")
     return p.parse_args(argv)
 

@@ -7,11 +7,11 @@ from cepdist.qgpo import GuidedPolicy, build_behavior, build_critic
 from cepdist.tasks import get_task
 
 
-def tiny_policy(seed=0, task="hopper-medium-local"):
+def tiny_policy(seed=0, task="hopper-medium-local", with_critic=False):
     task = get_task(task)
     beh = build_behavior(BehaviorConfig(widths=(16, 8, 4)), task.obs_dim, task.act_dim, seed)
     critic = build_critic(CriticConfig(q_hidden=(8,), f_hidden=(8,)), task.obs_dim, task.act_dim, seed)
-    return GuidedPolicy(beh, critic), task
+    return (GuidedPolicy(beh, critic), task) + ((critic,) if with_critic else ())
 
 
 def test_results_do_not_depend_on_how_pairs_are_batched():
@@ -36,3 +36,27 @@ def test_same_episode_seed_across_scales_starts_in_the_same_state():
     r = evaluate(policy, task, [0.0, 0.0], episodes=2, seed=1, max_steps=30)
     assert np.allclose(r.returns[0], r.returns[1])
     assert not np.isclose(r.returns[0, 0], r.returns[0, 1])
+
+
+def test_actor_pool_and_in_process_pool_match_direct_evaluation():
+    import ray
+    from cepdist.config import to_dict
+    from cepdist.distributed.pool import EvalPool, policy_payload
+    policy, task, c = tiny_policy(with_critic=True)
+    dims = {"state_dim": task.obs_dim, "action_dim": task.act_dim}
+    payload = policy_payload(
+        {"config": to_dict(BehaviorConfig(widths=(16, 8, 4))), "model": policy.behavior.state_dict(), **dims},
+        {"config": to_dict(CriticConfig(q_hidden=(8,), f_hidden=(8,))), "q": c.q.state_dict(),
+         "q_target": c.q_target.state_dict(), "energy": c.energy.state_dict(), **dims},
+        "cep", to_dict(policy.solver))
+    direct = evaluate(policy, task, [0.0, 2.0], episodes=3, seed=4, max_steps=25)
+    local = EvalPool(0).evaluate(payload, task.name, [0.0, 2.0], 3, seed=4, max_steps=25)
+    assert np.allclose(local.returns, direct.returns, atol=1e-4)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    try:
+        pool = EvalPool(2)
+        remote = pool.evaluate(payload, task.name, [0.0, 2.0], 3, seed=4, max_steps=25)
+        pool.close()
+    finally:
+        ray.shutdown()
+    assert np.allclose(remote.returns, direct.returns, atol=1e-4)

@@ -36,13 +36,20 @@ def policy_from_payload(p: dict):
 
 
 class EvalPool:
-    """n actors, created once and reused for every evaluation of a trial."""
+    """n actors, created once and reused for every evaluation of a trial. With n = 0 the evaluation runs
+    in the calling process, on its CPUs: on one machine, where training pauses while it evaluates, a
+    trial then needs no CPU of its own for evaluation."""
 
     def __init__(self, n_actors: int, threads_per_actor: int = 1, num_cpus: float = 1):
         self.actors = [EvalActor.options(num_cpus=num_cpus).remote(threads_per_actor) for _ in range(n_actors)]
 
     def evaluate(self, payload: dict, task_name: str, scales: Sequence[float], episodes: int, seed: int = 0,
                  max_steps: int | None = None) -> EvalResult:
+        if not self.actors:
+            from ..evaluation import evaluate
+            from ..tasks import get_task
+            return evaluate(policy_from_payload(payload), get_task(task_name), scales, episodes, seed,
+                            max_steps=max_steps)
         pairs = all_pairs(len(scales), episodes)
         ref = ray.put(payload)
         shards = [pairs[i::len(self.actors)] for i in range(len(self.actors))]

@@ -27,11 +27,12 @@ def preset(name: str) -> StudyConfig:
     if name == "local":
         # budgets for ≈2 h on 2 CPU cores (9 trials, two at a time on one core each): per (task, seed)
         # ≈8 min behaviour (10k steps at ≈20/s), ≈7 min support (50k next states × 16 at ≈1.9k/s), ≈9 min
-        # critic (4k steps at ≈7.5/s, Q for the first 3k), 2 evaluations of 5 episodes × 5 scales
+        # critic (4k steps at ≈7.5/s, Q for the first 3k), 2 evaluations of 5 episodes × 5 scales inside the
+        # trial (eval_actors=0: one CPU per trial, so two trials run at once)
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
             seeds=(0, 1, 2), betas=(3.0,), Ks=(16,), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
-            dataset_rows=50_000, eval_episodes=5, eval_every=2000, eval_actors=1, trial_cpus=1, max_concurrent=0,
+            dataset_rows=50_000, eval_episodes=5, eval_every=2000, eval_actors=0, trial_cpus=1, max_concurrent=0,
             base=QGPOConfig(behavior=BehaviorConfig(steps=10_000, batch_size=256, log_every=500, ckpt_every=2500),
                             support=SupportConfig(M=16, batch_states=256),
                             critic=CriticConfig(steps=4000, q_fraction=0.75, batch_size=256, log_every=250,

@@ -51,7 +51,7 @@ class StudyConfig:
     eval_episodes: int = 10
     eval_every: int = 0                           # critic steps between evaluations (0: only at the end)
     eval_max_steps: int = 0                       # 0 → the task's episode length
-    eval_actors: int = 2
+    eval_actors: int = 2                          # 0: evaluate inside the trial process (one machine)
     train_workers: int = 0                        # 0: train inside the trial; ≥ 1: Ray Train workers
     use_gpu: bool = False
     trial_cpus: float = 1.0
