@@ -246,12 +246,16 @@ def critic_trial(config: dict):
     for h in history:
         tune.report(h)
 
+    eval_seconds = [0.0]
+
     def evaluate(critic_ck, step, extra) -> dict:
         t0 = time.perf_counter()
         res = pool.evaluate(policy_payload(behavior_ck, critic_ck, spec["method"], to_dict(cfg.sampler)),
                             task.name, spec["scales"], episodes, seed=10_000 + cfg.seed, max_steps=max_steps)
-        m = {"critic_step": step, **res.summary(), **extra, **dataset,
-             "eval_env_steps_per_s": res.env_steps / max(time.perf_counter() - t0, 1e-9),
+        seconds = time.perf_counter() - t0
+        eval_seconds[0] += seconds
+        m = {"critic_step": step, **res.summary(), **extra, **dataset, "eval_seconds": seconds,
+             "eval_env_steps_per_s": res.env_steps / max(seconds, 1e-9),
              "returns": res.returns.tolist()}
         history[:] = sorted([h for h in history if h["critic_step"] != step] + [m], key=lambda h: h["critic_step"])
         store.put_json(keys["result"], history, name="history.json")
@@ -290,13 +294,14 @@ def critic_trial(config: dict):
                              parallel=parallel)
             path = _run_stage(study, stage, keys["critic"], "critic.pt", wd)
             store.put_file(keys["critic"], path)
-            store.record_execution(keys["critic"], {"stage": "critic", "run": study["run_id"],
-                                                    "seconds": time.perf_counter() - t0})
+            store.record_execution(keys["critic"], {"stage": "critic", "run": study["run_id"],   # evaluations excluded
+                                                    "seconds": time.perf_counter() - t0 - eval_seconds[0]})
             critic_ck = checkpoint.load(path)
             evaluate(critic_ck, cfg.critic.steps, last_log)
         store.put_json(keys["result"], {"spec": {k: v for k, v in spec.items() if k != "config"},
                                         "history": history})
-        store.record_execution(keys["result"], {"stage": "evaluation", "run": study["run_id"]})
+        store.record_execution(keys["result"], {"stage": "evaluation", "run": study["run_id"],
+                                                "seconds": eval_seconds[0]})
     finally:
         pool.close()
 
@@ -391,7 +396,8 @@ def run_study(study: StudyConfig, out: Path | None = None) -> dict:
     summary = {"trials": len(specs), "results_table": str(table), "store": sd["store"],
                "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
                "executions": _count([e for e in store.executions() if e.get("run") == sd["run_id"]]),
-               "seconds": {"behavior": t1 - t0, "critic_and_eval": time.perf_counter() - t1}}
+               "seconds": {"behavior": t1 - t0, "critic_and_eval": time.perf_counter() - t1},
+               "stage_seconds": stage_seconds(store, specs)}
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -412,6 +418,17 @@ def _check_complete(store: ArtifactStore, keys: list[str], name: str, what: str)
 def _digest(items) -> str:
     import hashlib
     return hashlib.sha256(json.dumps([i["keys"] for i in items], sort_keys=True).encode()).hexdigest()[:8]
+
+
+def stage_seconds(store: ArtifactStore, specs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per stage, over this study's artifacts (whichever invocation computed them): count, mean and total
+    seconds of compute (a stage resumed from a checkpoint counts the resumed part only)."""
+    mine = {k for s in specs for k in s["keys"].values()}
+    per: dict[str, list[float]] = {}
+    for e in store.executions():
+        if e.get("key") in mine and "seconds" in e:
+            per.setdefault(e["stage"], []).append(float(e["seconds"]))
+    return {st: {"n": len(v), "mean": sum(v) / len(v), "total": sum(v)} for st, v in per.items()}
 
 
 def _count(execs: list[dict]) -> dict[str, int]:
