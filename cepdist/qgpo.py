@@ -330,6 +330,9 @@ class GuidedPolicy:
                                  dtype=torch.float32, device=self.device)
         if torch.is_tensor(w) or isinstance(w, (list, tuple, np.ndarray)):
             w = torch.as_tensor(w, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            if self.guidance is None and not bool((w == 0).all()):
+                raise ValueError("guidance scale w ≠ 0 needs a critic")
+            w = 0.0 if self.guidance is None else w      # a behaviour-only policy: per-state zeros
         elif w != 0 and self.guidance is None:
             raise ValueError("guidance scale w ≠ 0 needs a critic")
         a = guided_sample(self.behavior, self.plan(solver or self.solver), states, n, self.guidance, w,

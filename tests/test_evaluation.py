@@ -60,3 +60,13 @@ def test_actor_pool_and_in_process_pool_match_direct_evaluation():
     finally:
         ray.shutdown()
     assert np.allclose(remote.returns, direct.returns, atol=1e-4)
+
+
+def test_a_behaviour_only_policy_evaluates_at_w0_and_refuses_other_scales():
+    import pytest
+    policy, task = tiny_policy()
+    bc = GuidedPolicy(policy.behavior, None)
+    r = evaluate(bc, task, [0.0], episodes=2, seed=3, max_steps=20)
+    assert np.allclose(r.returns, evaluate(policy, task, [0.0], episodes=2, seed=3, max_steps=20).returns, atol=1e-4)
+    with pytest.raises(ValueError, match="needs a critic"):
+        evaluate(bc, task, [0.0, 1.0], episodes=1, seed=3, max_steps=5)
