@@ -25,16 +25,21 @@ def preset(name: str) -> StudyConfig:
                                     lr_f=1e-3, log_every=50, ckpt_every=150),
                 sampler=SolverConfig(steps=5)))
     if name == "local":
-        # budgets for ≈2 h on 2 CPU cores (9 trials, two at a time on one core each): per (task, seed)
-        # ≈8 min behaviour (10k steps at ≈20/s), ≈7 min support (50k next states × 16 at ≈1.9k/s), ≈9 min
-        # critic (4k steps at ≈7.5/s, Q for the first 3k), 2 evaluations of 5 episodes × 5 scales inside the
-        # trial (eval_actors=0: one CPU per trial, so two trials run at once)
+        # budgets for ≈75 min of compute on 2 CPU cores (9 trials, two at a time, one core each); per
+        # (task, seed): ≈5 min behaviour (6k steps at ≈20/s), ≈3.5 min support (50k next states × 8 at
+        # ≈1.9k/s; 7 min for the 100k-row medium-expert), ≈6 min critic (4k steps, Q for the first 3k), and
+        # 2 evaluations of 5 episodes × 5 scales inside the trial (eval_actors=0). Short schedules take
+        # larger steps than the reference (behaviour lr 1e-3 instead of 1e-4, fφ 1e-3 instead of 3e-4).
+        # β = 30, not 3: after 3k Q steps Q̄ is ≈10× below its converged scale (≈15 against ≈150 on hopper),
+        # and so are its differences between a state's support actions (≈0.2). At β = 3 the CEP labels are
+        # nearly uniform (entropy 2.03 against log 8 = 2.08) and fφ learns nothing (loss stays at log K)
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
-            seeds=(0, 1, 2), betas=(3.0,), Ks=(16,), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
+            seeds=(0, 1, 2), betas=(30.0,), Ks=(8,), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
             dataset_rows=50_000, eval_episodes=5, eval_every=2000, eval_actors=0, trial_cpus=1, max_concurrent=0,
-            base=QGPOConfig(behavior=BehaviorConfig(steps=10_000, batch_size=256, log_every=500, ckpt_every=2500),
-                            support=SupportConfig(M=16, batch_states=256),
-                            critic=CriticConfig(steps=4000, q_fraction=0.75, batch_size=256, log_every=250,
-                                                ckpt_every=2000)))
+            base=QGPOConfig(behavior=BehaviorConfig(steps=6000, batch_size=256, lr=1e-3, log_every=500,
+                                                    ckpt_every=2000),
+                            support=SupportConfig(M=8, batch_states=512),
+                            critic=CriticConfig(steps=4000, q_fraction=0.75, batch_size=256, lr_f=1e-3,
+                                                log_every=250, ckpt_every=2000)))
     raise ValueError(f"unknown preset {name!r}; expected paper, smoke or local")
