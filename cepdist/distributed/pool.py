@@ -18,9 +18,14 @@ class EvalActor:
         torch.set_num_threads(threads)
 
     def run(self, payload: dict, task_name: str, scales, episodes, seed, pairs, max_steps=None):
-        from ..evaluation import evaluate
-        from ..tasks import get_task
-        return evaluate(policy_from_payload(payload), get_task(task_name), scales, episodes, seed, pairs, max_steps)
+        return run_pairs(payload, task_name, scales, episodes, seed, pairs, max_steps)
+
+
+def run_pairs(payload: dict, task_name: str, scales, episodes, seed, pairs=None, max_steps=None) -> EvalResult:
+    """Evaluate (scale, episode) pairs (default: all) of the policy a payload describes, in this process."""
+    from ..evaluation import evaluate
+    from ..tasks import get_task
+    return evaluate(policy_from_payload(payload), get_task(task_name), scales, episodes, seed, pairs, max_steps)
 
 
 def policy_payload(behavior_ck: dict, critic_ck: dict | None, method: str, solver: dict) -> dict:
@@ -46,10 +51,7 @@ class EvalPool:
     def evaluate(self, payload: dict, task_name: str, scales: Sequence[float], episodes: int, seed: int = 0,
                  max_steps: int | None = None) -> EvalResult:
         if not self.actors:
-            from ..evaluation import evaluate
-            from ..tasks import get_task
-            return evaluate(policy_from_payload(payload), get_task(task_name), scales, episodes, seed,
-                            max_steps=max_steps)
+            return run_pairs(payload, task_name, list(scales), episodes, seed, max_steps=max_steps)
         pairs = all_pairs(len(scales), episodes)
         ref = ray.put(payload)
         shards = [pairs[i::len(self.actors)] for i in range(len(self.actors))]
