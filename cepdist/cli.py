@@ -1,8 +1,16 @@
-"""The `cepdist` command line."""
+"""The `cepdist` command line: studies, reports, datasets and the 2-D toy.
+
+    cepdist study run --preset smoke            # a study on the embedded default (local Ray, sqlite MLflow)
+    cepdist study plan --preset paper --json    # the trial grid, stage keys and what is stored, without Ray
+    cepdist report --study smoke                # tables and figures from the study's results table
+    cepdist data list | info | download | generate
+    cepdist toy run | sample | data
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +18,7 @@ import numpy as np
 
 
 def _toy(args):
-    from . import toy
+    from .algos import toy
     if args.cmd == "data":
         x, e = toy.make_dataset(args.dataset, args.n, args.seed)
         np.savez(args.out, x=x, e=e)
@@ -30,8 +38,8 @@ def _toy(args):
 
 def _data(args):
     import json
-    from . import datasets
-    from .tasks import TASKS, get_task
+    from .data import datasets
+    from .data.tasks import TASKS, get_task
     if args.cmd == "list":
         root = Path(args.root) if args.root else datasets.d4rl_dir()
         print(f"{'task':34s} {'domain':10s} {'env':20s} {'local file':10s}")
@@ -53,7 +61,7 @@ def _data(args):
     elif args.cmd == "download":
         print(datasets.download(get_task(args.task), Path(args.root) if args.root else None))
     elif args.cmd == "generate":
-        from .generate import generate
+        from .data.generate import generate
         task = get_task(args.task)
         out = Path(args.out) if args.out else datasets.local_path(task, Path(args.root) if args.root else None)
         generate(task.name, out, args.n, args.seed, args.policy_dir, args.n_envs)
@@ -61,9 +69,103 @@ def _data(args):
         print(json.dumps(info))
 
 
+def study_layers(args) -> list[dict]:
+    """The YAML file and the flags as two config layers merged over the preset (flags last)."""
+    import yaml
+    from .data.tasks import LOCAL_ENVS, LOCAL_LEVELS, TASKS
+    layers = []
+    if args.config:
+        path = Path(args.config)
+        try:
+            layers.append(yaml.safe_load(path.read_text()) or {})
+        except OSError as e:
+            raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+        if not isinstance(layers[-1], dict):
+            raise ValueError(f"--config {path}: expected a mapping of StudyConfig fields, "
+                             f"got {type(layers[-1]).__name__}")
+    flags = {"name": args.name, "seeds": args.seeds, "betas": args.betas, "Ks": args.Ks, "solver_steps": args.steps,
+             "methods": args.methods, "scales": args.scales, "store": args.store, "mlflow_uri": args.mlflow_uri,
+             "data_root": args.data_root, "policy_dir": args.policy_dir, "train_workers": args.train_workers,
+             "use_gpu": args.gpu, "eval_actors": args.eval_actors, "mode": args.mode}
+    tasks = list(args.tasks or ())
+    if args.all_d4rl:
+        tasks += [n for n, t in TASKS.items() if not t.local]
+    if args.local_tasks:
+        tasks += [f"{e}-{l}-local" for e in LOCAL_ENVS for l in LOCAL_LEVELS]
+    if tasks:
+        flags["tasks"] = tasks
+    layers.append({k: v for k, v in flags.items() if v is not None})
+    return layers
+
+
+def _study(args):
+    import json
+    from .distributed.presets import preset
+    from .distributed.study import format_plan, load_study, plan
+    study = load_study(preset(args.preset), *study_layers(args))
+    if args.cmd == "plan":
+        p = plan(study)
+        print(json.dumps(p, indent=2) if args.json else format_plan(p))
+        return
+    from .distributed.driver import StudyFailed, StudyInterrupted, run_study
+    try:
+        summary = run_study(study, Path(args.out) if args.out else None, verbose=args.verbose)
+    except StudyFailed as e:                  # one line: the stage, the trial, the cause
+        print(f"cepdist: {e}", file=sys.stderr)
+        return 1
+    except StudyInterrupted as e:
+        print(f"cepdist: {e}", file=sys.stderr)
+        return 130
+    ex = ", ".join(f"{k} {v}" for k, v in summary["executions"].items()) or "nothing (all stored)"
+    print(f"study {summary['study']}: {summary['trials']} trials done in {summary['seconds']:.0f} s; computed: {ex}")
+    print(f"results table: {summary['results_table']} ({summary['rows']} rows); summary: "
+          f"{Path(summary['results_table']).parent / 'study.json'}")
+    print(f"report: cepdist report --study {summary['study']}")
+    print(f"browse the runs: {summary['mlflow']}")
+    return 0
+
+
+def _report(args):
+    from .analysis.report import build
+    results = Path(args.results) if args.results else Path("results") / args.study / "results.parquet"
+    out = Path(args.out) if args.out else results.parent / "report"
+    print(f"report: {build(results, out, args.fixed_scale, args.seed)}")
+
+
+def add_study_arguments(p: argparse.ArgumentParser):
+    from .core.guidance import METHODS
+    from .distributed.presets import PRESETS
+    p.add_argument("--preset", default="smoke", choices=PRESETS)
+    p.add_argument("--config", help="a (partial) StudyConfig as YAML, merged over the preset; flags override both")
+    p.add_argument("--name", help="study name (MLflow experiment; default: the preset's)")
+    p.add_argument("--tasks", nargs="+", help="task names (default: the preset's)")
+    p.add_argument("--all-d4rl", action="store_true", help="every D4RL task (all levels, ant, AntMaze v0+v2)")
+    p.add_argument("--local-tasks", action="store_true", help="every locally generated *-local task")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--betas", nargs="+", type=float)
+    p.add_argument("--Ks", nargs="+", type=int, help="support actions per state")
+    p.add_argument("--steps", nargs="+", type=int, help="solver steps (support and evaluation)")
+    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--scales", nargs="+", type=float, help="guidance scales (default: the task's list)")
+    p.add_argument("--mode", choices=["grid", "sensitivity"])
+    p.add_argument("--store", help="artifact store: a directory or s3://… / gs://…")
+    p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--data-root", help="dataset cache (default $D4RL_DATASET_DIR or ~/.d4rl/datasets)")
+    p.add_argument("--policy-dir", help="agents for generating *-local datasets (or $CEPDIST_POLICY_DIR)")
+    p.add_argument("--train-workers", type=int, help="Ray Train workers per stage (0: train inside the trial)")
+    p.add_argument("--gpu", action="store_true", default=None)
+    p.add_argument("--eval-actors", type=int, help="evaluation actors per trial (0: evaluate inside the trial, "
+                   "sharing its CPUs; for one machine)")
+    p.add_argument("--out", help="results folder (default results/<name>)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="Ray's and Tune's own output, stage progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .guidance import METHODS
-    from .toy import BETAS, DATASETS, PRESETS
+    from .algos.toy import BETAS, DATASETS, PRESETS
+    from .core.guidance import METHODS
     p = argparse.ArgumentParser(prog="cepdist", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="group", required=True)
@@ -93,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="results/toy")
 
+    st = sub.add_parser("study", help="QGPO studies on Ray: tasks × seeds × hyperparameters")
+    sts = st.add_subparsers(dest="cmd", required=True)
+    x = sts.add_parser("run", help="run or resume a study (stored stages are reused)")
+    add_study_arguments(x)
+    x = sts.add_parser("plan", help="the trial grid, stage keys and what is stored, without starting Ray")
+    add_study_arguments(x)
+    x.add_argument("--json", action="store_true", help="one JSON object")
+
+    r = sub.add_parser("report", help="tables and figures from a study's results table")
+    r.add_argument("--study", default="smoke", help="study name: reads results/<study>/results.parquet")
+    r.add_argument("--results", help="an explicit results.parquet (instead of --study's)")
+    r.add_argument("--out", help="report folder (default: beside the results table, report/)")
+    r.add_argument("--fixed-scale", type=float, help="the fixed-w selection rule (default 1, the exact tilt)")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
     d = sub.add_parser("data", help="offline datasets: D4RL, Minari, locally generated")
     ds = d.add_subparsers(dest="cmd", required=True)
     x = ds.add_parser("list", help="all tasks and which are available locally")
@@ -117,18 +234,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setup_logging(verbose: bool):
+    """cepdist's own lines at INFO; other libraries' only with --verbose."""
+    import warnings
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("cepdist").setLevel(logging.INFO)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name in ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    setup_logging(getattr(args, "verbose", False))
     try:
-        {"toy": _toy, "data": _data}[args.group](args)
+        rc = {"toy": _toy, "data": _data, "study": _study, "report": _report}[args.group](args)
     except (ValueError, KeyError) as e:       # bad input: a clear message, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"cepdist: error: {msg}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

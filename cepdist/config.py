@@ -1,81 +1,19 @@
-"""Typed configs with the reference defaults (../shared/reference/qgpo.md §4–6).
+"""Typed configs: dataclasses ↔ plain dicts / YAML, deep merges, dotted overrides.
 
-Each stage's config is a dataclass; `to_dict`/`from_dict` round-trip them through plain dicts (YAML, Tune
-search spaces, MLflow params, checkpoints), and `from_dict` rejects unknown keys by name.
-"""
+Every config in cepdist is a dataclass whose defaults are the reference settings. `to_dict`/`from_dict`
+round-trip them through plain dicts (YAML, MLflow params, checkpoints); `from_dict` rejects unknown keys by
+their dotted path and converts lists to tuples and ints to floats where the field says so. `None` in a
+field means "use the default that depends on context" (e.g. the task's K), never a magic 0 or "".
+Presets, YAML files and command-line flags combine with `merge`, which is deep: a partial section
+overrides only the keys it names."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-
-
-@dataclass
-class SolverConfig:
-    steps: int = 15                  # network evaluations per sample
-    order: int = 2
-    method: str = "singlestep"       # or "multistep"
-    spacing: str = "time_uniform"    # or "logSNR"
-
-
-@dataclass
-class BehaviorConfig:
-    widths: tuple[int, ...] = (512, 256, 128)
-    embed_dim: int = 32
-    steps: int = 600_000
-    batch_size: int = 4096
-    lr: float = 1e-4
-    precision: str = "fp32"          # "bf16": autocast matmuls to bfloat16 (fp32 master weights)
-    log_every: int = 1000
-    ckpt_every: int = 50_000
-
-
-@dataclass
-class SupportConfig:
-    M: int = 16                      # support actions per state (K = M); 32 for AntMaze
-    batch_states: int = 256
-    solver: SolverConfig = field(default_factory=SolverConfig)
-
-
-@dataclass
-class CriticConfig:
-    q_hidden: tuple[int, ...] = (256, 256, 256)
-    f_hidden: tuple[int, ...] = (256, 256, 256, 256)
-    steps: int = 1_000_000
-    q_fraction: float = 0.5          # Q (and its target) train for the first steps·q_fraction iterations
-    batch_size: int = 256
-    lr_q: float = 3e-4
-    lr_f: float = 3e-4
-    beta: float = 3.0                # CEP label temperature
-    q_alpha: float | None = 1.0      # βQ of the in-support softmax target; None → beta
-    gamma: float = 0.99
-    tau: float = 0.005
-    method: str = "cep"              # energy model's training loss: cep | mse | dps (no fφ)
-    log_every: int = 1000
-    ckpt_every: int = 50_000
-
-    @property
-    def q_steps(self) -> int:
-        return int(round(self.steps * self.q_fraction))
-
-    @property
-    def beta_q(self) -> float:
-        return self.beta if self.q_alpha is None else self.q_alpha
-
-
-@dataclass
-class QGPOConfig:
-    seed: int = 0
-    reward: str = "locomotion"       # locomotion | antmaze | none
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
-    support: SupportConfig = field(default_factory=SupportConfig)
-    critic: CriticConfig = field(default_factory=CriticConfig)
-    sampler: SolverConfig = field(default_factory=SolverConfig)
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -89,8 +27,20 @@ def to_dict(cfg) -> dict[str, Any]:
     return conv(cfg)
 
 
+def _strip_optional(tp):
+    """X | None → X (the field accepts None besides X)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
 def from_dict(cls, d: dict[str, Any] | None, where: str = ""):
     """Build dataclass `cls` from a (possibly partial) dict; unknown keys raise with their path."""
+    if d is not None and not isinstance(d, dict):
+        raise ValueError(f"config section {where.rstrip('.') or cls.__name__} must be a mapping, "
+                         f"got {type(d).__name__}")
     d = dict(d or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -100,18 +50,30 @@ def from_dict(cls, d: dict[str, Any] | None, where: str = ""):
                          f"expected some of: {', '.join(sorted(names))}")
     kwargs = {}
     for k, v in d.items():
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            kwargs[k] = from_dict(tp, v, where=f"{where}{k}.")
+        tp = _strip_optional(hints[k])
+        if v is None:
+            kwargs[k] = None
+        elif dataclasses.is_dataclass(tp):
+            kwargs[k] = v if isinstance(v, tp) else from_dict(tp, v, where=f"{where}{k}.")
         elif typing.get_origin(tp) is tuple and isinstance(v, (list, tuple)):
             kwargs[k] = tuple(v)
+        elif tp is float and isinstance(v, int) and not isinstance(v, bool):
+            kwargs[k] = float(v)
         else:
             kwargs[k] = v
     return cls(**kwargs)
 
 
+def merge(base: dict[str, Any], over: dict[str, Any] | None) -> dict[str, Any]:
+    """Deep merge of plain dicts: `over`'s keys replace `base`'s, nested mappings merge key by key."""
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def replace(cfg, **overrides):
-    """Copy with dotted-path overrides: replace(cfg, **{"critic.beta": 10})."""
+    """Copy with dotted-path overrides: replace(cfg, **{"energy.beta": 10})."""
     d = to_dict(cfg)
     for path, v in overrides.items():
         node = d

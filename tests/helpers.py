@@ -1,7 +1,7 @@
 """Small datasets built in the tests, with known optimal behaviour."""
 import numpy as np
 
-from cepdist.data import Transitions
+from cepdist.data.transitions import Transitions
 
 
 def bandit_dataset(n=4000, seed=0):

@@ -1,5 +1,5 @@
 """Analysis: statistics against known values, selection rules, rendering, and a report built end to end
-from a real (small) MLflow store written by the platform."""
+from the results table of a real (small) study, whose numbers MLflow holds too."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cepdist import analysis
+from cepdist.analysis import stats as analysis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +53,14 @@ def synthetic_frame():
         for seed, d in zip(range(3), (-3.0, 0.0, 3.0)):
             for step in (10, 20):
                 rows.append({"task": task, "seed": seed, "beta": 3.0, "K": 16, "steps": 15, "method": "cep",
-                             "scale": w, "critic_step": step, "score": mu + d - (20 - step), "return": 0.0,
+                             "scale": w, "step": step, "score": mu + d - (20 - step), "return": 0.0,
                              "run_id": f"{task}{seed}"})
     return pd.DataFrame(rows)
 
 
 def test_table_selection_rules_and_rendering():
     df = synthetic_frame()
-    assert (analysis.final(df).critic_step == 20).all()
+    assert (analysis.final(df).step == 20).all()
     tt = analysis.task_table(df, fixed_scale=1.0, seed=0).set_index("task")
     assert np.isclose(tt.loc["hopper-medium-v2", "fixed_mean"], 60) and tt.loc["hopper-medium-v2", "best_scale"] == 3
     assert np.isclose(tt.loc["hopper-medium-local", "best_mean"], 55) and tt.loc["hopper-medium-local", "best_scale"] == 1
@@ -98,7 +98,8 @@ def test_every_scale_against_the_behaviour_model():
 @pytest.mark.slow
 def test_report_end_to_end_from_a_platform_study(tmp_path):
     import ray
-    from cepdist.distributed.sweep import run_study
+    from cepdist.distributed.driver import run_study
+    from cepdist.distributed.tracking import MLflowTracker
     from test_platform import tiny_study
     if ray.is_initialized():
         ray.shutdown()
@@ -106,35 +107,43 @@ def test_report_end_to_end_from_a_platform_study(tmp_path):
     study = tiny_study(tmp_path, "report-e2e", seeds=(0, 1))
     summary = run_study(study, tmp_path / "out")
     ray.shutdown()
-    r = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), "--experiment", "report-e2e",
-                        "--tracking-uri", study.mlflow_uri, "--out", str(tmp_path / "report")],
-                       capture_output=True, text=True)
+    res = pd.read_parquet(summary["results_table"])
+    # the tidy table: one row per trial × scale × evaluation step; the scale a column
+    assert len(res) == 2 * len(study.scales) * 2 and set(res.scale) == set(study.scales)
+    assert {"task", "seed", "beta", "K", "steps", "method", "scale", "step", "episode_set", "score", "return",
+            "episodes", "dataset_score"} <= set(res.columns)
+    assert (res.episodes == study.eval_episodes).all()
+    # MLflow holds the same numbers, for browsing
+    tr = MLflowTracker(study.mlflow_uri, study.name)
+    for run in tr.client.search_runs([tr.experiment_id]):
+        seed = int(run.data.params["seed"])
+        assert run.info.status == "FINISHED"
+        for w in study.scales:
+            hist = {m.step: m.value for m in tr.client.get_metric_history(run.info.run_id, f"score_w{w:g}")}
+            mine = res[(res.seed == seed) & (res.scale == w)].set_index("step").score
+            assert sorted(hist) == sorted(mine.index) and np.allclose([hist[s] for s in mine.index], mine.values)
+    r = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), "--results", summary["results_table"],
+                        "--out", str(tmp_path / "report")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "report"
-    for name in ("index.md", "table.md", "table.tex", "table.csv", "domains.csv", "results.parquet",
+    for name in ("index.md", "table.md", "table.tex", "table.csv", "domains.csv",
                  "heatmap_task_scale.png", "heatmap_task_scale.pdf", "learning_curves.png",
                  "sensitivity_scale.png", "sensitivity_scale.pdf", "scales.csv", "critic.csv", "q_statistics.png"):
         assert (out / name).is_file(), name
-    frame = pd.read_parquet(out / "results.parquet")
-    res = pd.read_csv(summary["results_table"])
-    assert len(frame) == len(res)
-    merged = frame.merge(res, on=["seed", "scale", "critic_step"], suffixes=("", "_csv"))
-    assert np.allclose(merged.score, merged.score_csv) and np.allclose(merged["return"], merged.return_mean)
     tt = pd.read_csv(out / "table.csv")
-    last = res[res.critic_step == res.critic_step.max()]
+    last = res[res.step == res.step.max()]
     assert np.isclose(tt.fixed_mean.iloc[0], last[last.scale == 2.0].score.mean())   # w = 1 absent → max scale
     assert "learning_curves.png" in (out / "index.md").read_text()
     # the dataset's own score, as `cepdist data info` computes it from the file
-    from cepdist import datasets
-    from cepdist.tasks import get_task
+    from cepdist.data import datasets
+    from cepdist.data.tasks import get_task
     task = get_task(study.tasks[0])
     info = datasets.summarize(datasets.read_hdf5(datasets.local_path(task, Path(study.data_root))), task)
-    assert np.allclose(frame.dataset_score, info["normalized_score"], rtol=1e-4)
-    # Q statistics at every evaluation, including the last
+    assert np.allclose(res.dataset_score, info["dataset_score"], rtol=1e-4)
+    # Q and energy statistics at every evaluation, including the last
     diag = pd.read_csv(out / "critic.csv")
-    assert sorted(diag.critic_step.unique()) == sorted(res.critic_step.unique())
-    assert np.isfinite(diag[["q_mean", "q_std", "f_loss"]].to_numpy()).all()
-    bad = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), "--experiment", "nope",
-                          "--tracking-uri", study.mlflow_uri, "--out", str(tmp_path / "r2")],
+    assert sorted(diag.step.unique()) == sorted(res.step.unique())
+    assert np.isfinite(diag[["q_mean", "q_std", "energy_loss", "q_loss", "target_mean"]].to_numpy()).all()
+    bad = subprocess.run([sys.executable, "-m", "cepdist", "report", "--study", "nope"], cwd=tmp_path,
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "no MLflow experiment 'nope'" in bad.stderr
+    assert bad.returncode == 2 and "no results table at results/nope/results.parquet" in bad.stderr

@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from cepdist import datasets
+from cepdist.data import datasets
 from cepdist.cli import main
-from cepdist.datasets import DatasetError
-from cepdist.tasks import TASKS, get_task
+from cepdist.data.datasets import DatasetError
+from cepdist.data.tasks import TASKS, get_task
 
 
 def write_d4rl(path, obs, act, rew, term, tout=None, next_obs=None, dtype=np.float32, extra=None):
@@ -57,11 +57,11 @@ def test_registry_covers_every_task_and_scores_once():
     for d in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"):
         assert f"antmaze-{d}-v0" in names and f"antmaze-{d}-v2" in names
     t = get_task("hopper-medium-v2")
-    assert t.url.endswith("/gym_mujoco_v2/hopper_medium-v2.hdf5") and t.M == 16 and t.env_id == "Hopper-v5"
+    assert t.url.endswith("/gym_mujoco_v2/hopper_medium-v2.hdf5") and t.K == 16 and t.env_id == "Hopper-v5"
     assert get_task("hopper-medium-replay-v2").url.endswith("hopper_medium_replay-v2.hdf5")
     assert np.isclose(t.normalized_score(3234.3), 100) and np.isclose(t.normalized_score(-20.272305), 0)
     am = get_task("antmaze-large-diverse-v2")
-    assert am.M == 32 and am.reward == "antmaze" and am.guidance_scales == (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+    assert am.K == 32 and am.reward == "antmaze" and am.guidance_scales == (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
     assert am.url.endswith("Ant_maze_hardest-maze_noisy_multistart_True_multigoal_True_sparse_fixed.hdf5")
     assert get_task("antmaze-umaze-v2").episode_length == 700
     local = get_task("hopper-medium-local")
@@ -111,7 +111,7 @@ def test_info_json_against_independent_computation(tmp_path):
     assert info["episodes"] == 3 and info["terminals"] == 1
     assert info["obs_dim"] == 11 and info["act_dim"] == 3
     assert np.isclose(info["mean_return"], np.mean(rets))
-    assert np.isclose(info["normalized_score"], 100 * (np.mean(rets) + 20.272305) / (3234.3 + 20.272305))
+    assert np.isclose(info["dataset_score"], 100 * (np.mean(rets) + 20.272305) / (3234.3 + 20.272305))
     assert info["transitions"] == len(obs) - 1 - 2                # two timeout rows dropped
 
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from cepdist.diffusion import VPSchedule
-from cepdist.solver import make_plan, sample, singlestep_orders
+from cepdist.core.diffusion import VPSchedule
+from cepdist.core.solver import make_plan, sample, singlestep_orders
 
 S = VPSchedule()
 

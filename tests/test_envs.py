@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from cepdist.envs import make_env
-from cepdist.evaluation import evaluate
-from cepdist.tasks import get_task
+from cepdist.data.tasks import get_task
+from cepdist.envs.environments import make_env
+from cepdist.envs.evaluation import evaluate
 from test_evaluation import tiny_policy
 
 # D4RL's evaluation mazes (0 free, 1 wall; start at row 1, col 1) and goal cells: cell (i, j) lies at

@@ -1,17 +1,18 @@
 """Lockstep evaluation on real MuJoCo environments."""
 import numpy as np
 
-from cepdist.config import BehaviorConfig, CriticConfig
-from cepdist.evaluation import all_pairs, evaluate
-from cepdist.qgpo import GuidedPolicy, build_behavior, build_critic
-from cepdist.tasks import get_task
+from cepdist.algos.qgpo.config import BehaviorConfig, EnergyConfig
+from cepdist.algos.qgpo.policy import GuidedPolicy
+from cepdist.algos.qgpo.stages import build_behavior, build_energy
+from cepdist.data.tasks import get_task
+from cepdist.envs.evaluation import all_pairs, evaluate
 
 
-def tiny_policy(seed=0, task="hopper-medium-local", with_critic=False):
+def tiny_policy(seed=0, task="hopper-medium-local", with_energy=False):
     task = get_task(task)
     beh = build_behavior(BehaviorConfig(widths=(16, 8, 4)), task.obs_dim, task.act_dim, seed)
-    critic = build_critic(CriticConfig(q_hidden=(8,), f_hidden=(8,)), task.obs_dim, task.act_dim, seed)
-    return (GuidedPolicy(beh, critic), task) + ((critic,) if with_critic else ())
+    energy = build_energy(EnergyConfig(hidden=(8,)), task.obs_dim, task.act_dim, seed)
+    return (GuidedPolicy(beh, energy=energy), task) + ((energy,) if with_energy else ())
 
 
 def test_results_do_not_depend_on_how_pairs_are_batched():
@@ -42,13 +43,13 @@ def test_actor_pool_and_in_process_pool_match_direct_evaluation():
     import ray
     from cepdist.config import to_dict
     from cepdist.distributed.pool import EvalPool, policy_payload
-    policy, task, c = tiny_policy(with_critic=True)
+    policy, task, energy = tiny_policy(with_energy=True)
     dims = {"state_dim": task.obs_dim, "action_dim": task.act_dim}
     payload = policy_payload(
         {"config": to_dict(BehaviorConfig(widths=(16, 8, 4))), "model": policy.behavior.state_dict(), **dims},
-        {"config": to_dict(CriticConfig(q_hidden=(8,), f_hidden=(8,))), "q": c.q.state_dict(),
-         "q_target": c.q_target.state_dict(), "energy": c.energy.state_dict(), **dims},
-        "cep", to_dict(policy.solver))
+        "cep", policy.solver,
+        energy={"config": {**to_dict(EnergyConfig(hidden=(8,))), "schedule": [0.1, 20.0]},
+                "energy": energy.state_dict(), **dims})
     direct = evaluate(policy, task, [0.0, 2.0], episodes=3, seed=4, max_steps=25)
     local = EvalPool(0).evaluate(payload, task.name, [0.0, 2.0], 3, seed=4, max_steps=25)
     assert np.allclose(local.returns, direct.returns, atol=1e-4)
@@ -65,8 +66,8 @@ def test_actor_pool_and_in_process_pool_match_direct_evaluation():
 def test_a_behaviour_only_policy_evaluates_at_w0_and_refuses_other_scales():
     import pytest
     policy, task = tiny_policy()
-    bc = GuidedPolicy(policy.behavior, None)
+    bc = GuidedPolicy(policy.behavior)
     r = evaluate(bc, task, [0.0], episodes=2, seed=3, max_steps=20)
     assert np.allclose(r.returns, evaluate(policy, task, [0.0], episodes=2, seed=3, max_steps=20).returns, atol=1e-4)
-    with pytest.raises(ValueError, match="needs a critic"):
+    with pytest.raises(ValueError, match="needs a trained energy model"):
         evaluate(bc, task, [0.0, 1.0], episodes=1, seed=3, max_steps=5)

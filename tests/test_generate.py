@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cepdist import datasets
-from cepdist.generate import generate, policy_dir
-from cepdist.tasks import get_task
+from cepdist.data import datasets
+from cepdist.data.generate import generate, policy_dir
+from cepdist.data.tasks import get_task
 
 ZOO = Path(os.environ.get("CEPDIST_POLICY_DIR", Path(__file__).resolve().parents[1].parent / "shared/policies/rl-zoo"))
 
@@ -34,7 +34,7 @@ def test_random_level_layout_and_determinism(tmp_path):
         assert np.allclose(nxt[inside], obs[inside + 1])
     arr = datasets.read_hdf5(a, get_task("hopper-random-local"))
     info = datasets.summarize(arr, get_task("hopper-random-local"))
-    assert -5 < info["normalized_score"] < 10            # a random policy scores near 0
+    assert -5 < info["dataset_score"] < 10            # a random policy scores near 0
 
 
 def test_generator_refuses_d4rl_names_and_missing_policies(tmp_path, monkeypatch):
@@ -55,4 +55,4 @@ def test_agent_levels_reach_their_scores(tmp_path, task, lo, hi):
     p = generate(task, tmp_path / "d.hdf5", n_rows=2000, seed=0, policy_root=ZOO, n_envs=2)
     info = datasets.summarize(datasets.read_hdf5(p, get_task(task)), get_task(task))
     assert info["episodes"] >= 1
-    assert lo < info["normalized_score"] < hi, info
+    assert lo < info["dataset_score"] < hi, info

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from cepdist.diffusion import VPSchedule
-from cepdist.guidance import EnergyGuidance, cep_loss, energy_loss, guided_sample
-from cepdist.nets import EnergyNet
-from cepdist.solver import make_plan
+from cepdist.core.diffusion import VPSchedule
+from cepdist.core.guidance import EnergyGuidance, cep_loss, energy_loss, guided_sample
+from cepdist.core.nets import EnergyNet
+from cepdist.core.solver import make_plan
 
 S = VPSchedule()
 MU, SD = torch.tensor([0.5, -1.0], dtype=torch.float64), 0.6
@@ -141,7 +141,7 @@ def test_cep_gradient_matches_monte_carlo_and_mse_does_not():
 def test_dps_is_exact_for_gaussian_data_and_linear_energy():
     """With the exact score of a Gaussian q0, x̂0(x_t) is affine and ∇ β c·x̂0 equals ∇(−E_t): DPS must
     then reach the linear tilt too (it differs from CEP only when x̂0 or the energy is nonlinear)."""
-    from cepdist.guidance import DPSGuidance
+    from cepdist.core.guidance import DPSGuidance
     c, beta = torch.tensor([1.0, 0.5], dtype=torch.float64), 2.0
     torch.manual_seed(0)
     plan = make_plan(S, 30, 2, "singlestep", "logSNR")

@@ -11,47 +11,50 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 
-from cepdist.config import BehaviorConfig, CriticConfig, QGPOConfig, SolverConfig, SupportConfig
-from cepdist.distributed.sweep import StudyConfig, run_study, trial_specs
-from cepdist.store import ArtifactStore
-from cepdist.tracking import MLflowTracker
+from cepdist.algos.qgpo.config import (BehaviorConfig, EnergyConfig, QConfig, QGPOConfig, SolverConfig,
+                                       SupportConfig)
+from cepdist.distributed.driver import run_study
+from cepdist.distributed.store import ArtifactStore
+from cepdist.distributed.study import StudyConfig, trials
+from cepdist.distributed.tracking import MLflowTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def tiny_study(tmp: Path, name: str, seeds=(0, 1), betas=(3.0,)) -> StudyConfig:
+def tiny_study(tmp: Path, name: str, seeds=(0, 1), betas=(3.0,), **over) -> StudyConfig:
     return StudyConfig(
         name=name, tasks=("hopper-random-local",), seeds=seeds, betas=betas, Ks=(4,), solver_steps=(3,),
         scales=(0.0, 2.0), dataset_rows=3000, eval_episodes=2, eval_max_steps=15, eval_every=20, eval_actors=1,
         trial_cpus=1, max_failures=3, store=str(tmp / "store"), mlflow_uri=f"sqlite:///{tmp}/mlflow.db",
         data_root=str(tmp / "data"),
         base=QGPOConfig(behavior=BehaviorConfig(widths=(16, 8, 4), steps=40, batch_size=64, log_every=20, ckpt_every=20),
-                        support=SupportConfig(M=4, batch_states=4096, solver=SolverConfig(steps=3)),
-                        critic=CriticConfig(q_hidden=(16,), f_hidden=(16,), steps=40, batch_size=32, log_every=20,
-                                            ckpt_every=20),
-                        sampler=SolverConfig(steps=3)))
+                        support=SupportConfig(K=None, batch_states=4096, solver=SolverConfig(steps=3)),
+                        q=QConfig(hidden=(16,), steps=30, batch_size=32, reward=None, log_every=10, ckpt_every=10),
+                        energy=EnergyConfig(hidden=(16,), steps=40, batch_size=32, log_every=20, ckpt_every=20),
+                        sampler=SolverConfig(steps=3)), **over)
 
 
 def check_complete(study: StudyConfig, summary: dict):
     """Every trial has its result (all scales, every evaluation step) and exactly one MLflow run."""
-    specs = trial_specs(study)
-    store = ArtifactStore(study.store)
     import pandas as pd
-    table = pd.read_csv(summary["results_table"])
-    assert len(table) == len(specs) * len(study.scales) * 2           # evaluations at critic steps 20 and 40
-    assert sorted(table.critic_step.unique()) == [20, 40]
+    ts = trials(study)
+    store = ArtifactStore(study.store)
+    steps = list(range(study.eval_every, study.base.energy.steps + 1, study.eval_every))
+    table = pd.read_parquet(summary["results_table"])
+    assert len(table) == len(ts) * len(study.scales) * len(steps)
+    assert sorted(table.step.unique()) == steps
     tr = MLflowTracker(study.mlflow_uri, study.name)
     runs = tr.client.search_runs([tr.experiment_id], max_results=1000)
     keys = [r.data.tags["cepdist_key"] for r in runs]
-    assert sorted(keys) == sorted(s["keys"]["result"] for s in specs)     # one run per trial, no duplicates
+    assert sorted(keys) == sorted(t.keys["evaluation"] for t in ts)     # one run per trial, no duplicates
     for r in runs:
-        assert r.data.tags["key_critic"].startswith("critic-")
+        assert r.data.tags["key_q"].startswith("q-") and r.info.status == "FINISHED"
         hist = tr.client.get_metric_history(r.info.run_id, "score_w2")
-        assert {m.step for m in hist} == {20, 40}
-        assert "config.critic.beta" in r.data.params
-    for s in specs:
-        assert store.exists(s["keys"]["behavior"]) and store.exists(s["keys"]["critic"])
+        assert sorted(m.step for m in hist) == steps                   # each step logged once
+        assert "config.energy.beta" in r.data.params
+    for t in ts:
+        assert all(store.exists(k) for s, k in t.keys.items() if s != "evaluation")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def test_study_on_three_nodes(cluster, tmp_path):
     study = tiny_study(tmp_path, "multinode", seeds=(0, 1, 2))
     summary = run_study(study, tmp_path / "out")
     check_complete(study, summary)
-    assert summary["executions"] == {"behavior": 3, "support": 3, "critic": 3, "evaluation": 3}
+    assert summary["executions"] == {"behavior": 3, "support": 3, "q": 3, "energy": 3, "evaluation": 3}
     used = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(used) == 3
 
@@ -85,7 +88,7 @@ def test_study_survives_the_loss_of_a_node(cluster, tmp_path):
     def kill_when_busy():
         deadline = time.time() + 120
         while time.time() < deadline:
-            if any(e.get("stage") == "critic" for e in store.executions()):
+            if any(e.get("stage") == "q" for e in store.executions()):
                 c.remove_node(nodes[1])
                 killed.append(time.time())
                 return
@@ -103,7 +106,7 @@ def logged_behavior_stage(cfg, n_rows, log_file, die_at=None, marker=None):
     """A behaviour stage on the bandit dataset that appends "step loss" lines (rank 0) to log_file; with
     die_at, worker rank 1 kills its own process once at that step (marker records that it happened)."""
     def stage(parallel, ckpt_path, callback, device):
-        from cepdist.qgpo import train_behavior
+        from cepdist.algos.qgpo.stages import train_behavior
         from helpers import bandit_dataset
         data, _ = bandit_dataset(n_rows)
 

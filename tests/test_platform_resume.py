@@ -11,8 +11,8 @@ import ray
 import yaml
 
 from cepdist.config import to_dict
-from cepdist.distributed.sweep import run_study
-from cepdist.store import ArtifactStore
+from cepdist.distributed.driver import run_study
+from cepdist.distributed.store import ArtifactStore
 from test_platform import ROOT, check_complete, tiny_study
 
 pytestmark = pytest.mark.slow
@@ -51,4 +51,4 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path):
     total = {}
     for e in store.executions():
         total[e["key"]] = total.get(e["key"], 0) + 1
-    assert all(n == 1 for k, n in total.items() if not k.startswith("result-")), total
+    assert all(n == 1 for k, n in total.items() if not k.startswith("evaluation-")), total

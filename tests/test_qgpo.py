@@ -4,22 +4,25 @@ import numpy as np
 import pytest
 import torch
 
-from cepdist.config import (BehaviorConfig, CriticConfig, QGPOConfig, SupportConfig, dump_yaml, from_dict,
-                            load_yaml, replace, to_dict)
-from cepdist.data import Transitions, episode_returns, preprocess_rewards
-from cepdist.loop import NonFiniteLossError
-from cepdist.qgpo import (GuidedPolicy, generate_support, load_behavior, load_critic, run_qgpo,
-                          state_table, train_behavior, train_critic)
+from cepdist.algos.loop import NonFiniteLossError
+from cepdist.algos.qgpo.config import (BehaviorConfig, EnergyConfig, QConfig, QGPOConfig, ScheduleConfig,
+                                       SupportConfig)
+from cepdist.algos.qgpo.policy import GuidedPolicy, load_policy, run_qgpo
+from cepdist.algos.qgpo.stages import (generate_support, load_behavior, load_energy, state_table, train_behavior,
+                                       train_energy, train_q)
+from cepdist.config import dump_yaml, from_dict, load_yaml, merge, replace, to_dict
+from cepdist.data.transitions import Transitions, episode_returns, preprocess_rewards
 from helpers import bandit_dataset
 
 
 def small_cfg(**over) -> QGPOConfig:
-    cfg = QGPOConfig(reward="none",
-                     behavior=BehaviorConfig(widths=(128, 64, 32), steps=1500, batch_size=256, lr=1e-3,
+    cfg = QGPOConfig(behavior=BehaviorConfig(widths=(128, 64, 32), steps=1500, batch_size=256, lr=1e-3,
                                              log_every=250, ckpt_every=500),
-                     support=SupportConfig(M=16, batch_states=2048),
-                     critic=CriticConfig(q_hidden=(64, 64), f_hidden=(64, 64), steps=1500, batch_size=128,
-                                         beta=5.0, lr_q=1e-3, lr_f=1e-3, log_every=250, ckpt_every=500))
+                     support=SupportConfig(K=16, batch_states=2048),
+                     q=QConfig(hidden=(64, 64), steps=750, batch_size=128, lr=1e-3, reward="none", log_every=250,
+                               ckpt_every=500),
+                     energy=EnergyConfig(hidden=(64, 64), steps=1500, batch_size=128, beta=5.0, lr=1e-3,
+                                         log_every=250, ckpt_every=500))
     return replace(cfg, **over)
 
 
@@ -50,16 +53,16 @@ def test_guided_policy_beats_behaviour_cloning(trained):
 @pytest.mark.slow
 def test_checkpoints_are_weights_only_and_reload_identically(trained):
     policy, out = trained
-    for name in ("behavior.pt", "support.pt", "critic.pt"):
+    for name in ("behavior.pt", "support.pt", "q.pt", "energy.pt"):
         ck = torch.load(out / name, weights_only=True)
         assert "config" in ck and ck["kind"] == name.split(".")[0]
-    reloaded = GuidedPolicy(load_behavior(out / "behavior.pt"), load_critic(out / "critic.pt"), seed=7)
-    fresh = GuidedPolicy(policy.behavior, load_critic(out / "critic.pt"), seed=7)
+    reloaded = load_policy(out / "behavior.pt", "cep", energy=out / "energy.pt", seed=7)
+    fresh = GuidedPolicy(policy.behavior, energy=load_energy(out / "energy.pt"), seed=7)
     s = torch.rand(50, 2) * 2 - 1
     assert torch.equal(reloaded(s, w=2.0), fresh(s, w=2.0))
     # guidance scales per state in one batch equal separate calls with the same noise
-    a_sep = GuidedPolicy(policy.behavior, load_critic(out / "critic.pt"), seed=3)(s, w=2.0)
-    a_vec = GuidedPolicy(policy.behavior, load_critic(out / "critic.pt"), seed=3)(s, w=torch.full((50,), 2.0))
+    a_sep = GuidedPolicy(policy.behavior, energy=load_energy(out / "energy.pt"), seed=3)(s, w=2.0)
+    a_vec = GuidedPolicy(policy.behavior, energy=load_energy(out / "energy.pt"), seed=3)(s, w=torch.full((50,), 2.0))
     assert torch.allclose(a_sep, a_vec, atol=1e-6)
 
 
@@ -91,17 +94,16 @@ def test_same_seed_same_numbers_and_resume_after_interruption(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data, _ = bandit_dataset(1000)
-    cfg = small_cfg(**{"critic.steps": 300, "critic.log_every": 50, "critic.ckpt_every": 100,
-                       "behavior.steps": 20})
+    cfg = small_cfg(**{"q.steps": 300, "q.log_every": 50, "q.ckpt_every": 100, "behavior.steps": 20})
     beh = train_behavior(cfg.behavior, data.obs, data.actions)
     sup = generate_support(cfg.support, beh, data)
 
     def poison(stage, step, metrics, ckpt):
         if step == 100:
             data.rewards[:] = float("nan")
-    ck = tmp_path / "critic.pt"
-    with pytest.raises(NonFiniteLossError, match=r"critic: non-finite q_loss.*between steps 100 and 150.*step 100"):
-        train_critic(cfg.critic, data, sup, ckpt_path=ck, callback=poison)
+    ck = tmp_path / "q.pt"
+    with pytest.raises(NonFiniteLossError, match=r"q: non-finite q_loss.*between steps 100 and 150.*step 100"):
+        train_q(cfg.q, data, sup, ckpt_path=ck, callback=poison)
     kept = torch.load(ck, weights_only=True)
     assert kept["step"] == 100
     assert all(torch.isfinite(v).all() for v in kept["q"].values())
@@ -127,16 +129,21 @@ def test_state_table_reuses_next_states():
 
 def test_config_round_trip_and_errors():
     cfg = QGPOConfig()
-    assert cfg.behavior.steps == 600_000 and cfg.critic.beta == 3.0 and cfg.support.M == 16
-    assert cfg.critic.q_steps == 500_000 and cfg.sampler.steps == 15 and cfg.sampler.order == 2
+    assert cfg.behavior.steps == 600_000 and cfg.energy.beta == 3.0 and cfg.support.K == 16
+    assert cfg.q.steps == 500_000 and cfg.energy.steps == 1_000_000 and cfg.q.beta_q == 1.0
+    assert cfg.sampler.steps == 15 and cfg.sampler.order == 2 and cfg.behavior.schedule.beta_max == 20.0
     assert from_dict(QGPOConfig, to_dict(cfg)) == cfg
     assert load_yaml(QGPOConfig, dump_yaml(cfg)) == cfg
-    assert replace(cfg, **{"critic.beta": 10.0}).critic.beta == 10.0
-    with pytest.raises(ValueError, match=r"critic\.betta"):
-        from_dict(QGPOConfig, {"critic": {"betta": 1}})
+    assert replace(cfg, **{"energy.beta": 10.0}).energy.beta == 10.0
+    assert isinstance(from_dict(QGPOConfig, {"energy": {"beta": 10}}).energy.beta, float)   # YAML's 10 → 10.0
+    with pytest.raises(ValueError, match=r"energy\.betta"):
+        from_dict(QGPOConfig, {"energy": {"betta": 1}})
     with pytest.raises(ValueError, match="unknown config key"):
-        replace(cfg, **{"critic.nope": 1})
-    assert CriticConfig(q_alpha=None, beta=7.0).beta_q == 7.0
+        replace(cfg, **{"energy.nope": 1})
+    # a deep merge changes only the keys a partial section names
+    merged = from_dict(QGPOConfig, merge(to_dict(cfg), {"energy": {"beta": 7}, "behavior": {"schedule": {"beta_max": 10}}}))
+    assert merged.energy.beta == 7.0 and merged.energy.steps == 1_000_000
+    assert merged.behavior.schedule == ScheduleConfig(0.1, 10.0) and merged.behavior.lr == 1e-4
 
 
 def test_reward_preprocessing():

@@ -1,8 +1,8 @@
 """Artifact store on a real local filesystem; MLflow on a real sqlite store."""
 import torch
 
-from cepdist.store import ArtifactStore, stage_key
-from cepdist.tracking import MLflowTracker
+from cepdist.distributed.store import ArtifactStore, stage_key
+from cepdist.distributed.tracking import MLflowTracker
 
 
 def test_keys_depend_on_exactly_the_config():
@@ -33,13 +33,13 @@ def test_store_round_trip_and_execution_log(tmp_path):
 def test_mlflow_runs_are_keyed_and_batched(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tr = MLflowTracker(uri, "exp")
-    rid = tr.start("trial-abc", "hopper seed 0", {"critic": {"beta": 3.0}, "task": "hopper"}, {"stage": "x"})
+    rid = tr.start("trial-abc", "hopper seed 0", {"energy": {"beta": 3.0}, "task": "hopper"}, {"stage": "x"})
     tr.log_metrics(rid, {"score_w1": 50.0, "score_w3": 60.0}, step=10)
     tr.log_metrics(rid, {"score_w1": 55.0}, step=20)
     tr.finish(rid)
     assert MLflowTracker(uri, "exp").start("trial-abc", "again", {}, {}) == rid      # same key → same run
     run = tr.client.get_run(rid)
-    assert run.data.params["critic.beta"] == "3.0" and run.data.tags["cepdist_key"] == "trial-abc"
+    assert run.data.params["energy.beta"] == "3.0" and run.data.tags["cepdist_key"] == "trial-abc"
     hist = tr.client.get_metric_history(rid, "score_w1")
     assert [(m.step, m.value) for m in hist] == [(10, 50.0), (20, 55.0)]
 
@@ -47,11 +47,11 @@ def test_mlflow_runs_are_keyed_and_batched(tmp_path):
 def test_an_interrupted_phase_stops_the_study_naming_what_is_missing(tmp_path):
     """Tune returns normally on Ctrl-C; the study must stop there instead of starting the next phase."""
     import pytest
-    from cepdist.distributed.sweep import StudyInterrupted, _check_complete
+    from cepdist.distributed.driver import StudyInterrupted, check_complete
     store = ArtifactStore(tmp_path)
     src = tmp_path / "x.pt"
     torch.save({"a": 1}, src)
     store.put_file("behavior-aaa", src)
-    _check_complete(store, ["behavior-aaa", "behavior-aaa"], "artifact.pt", "behaviour")
-    with pytest.raises(StudyInterrupted, match="1 behaviour artifact.*behavior-bbb.*again to resume"):
-        _check_complete(store, ["behavior-aaa", "behavior-bbb"], "artifact.pt", "behaviour")
+    check_complete(store, "behavior", ["behavior-aaa", "behavior-aaa"], "artifact.pt")
+    with pytest.raises(StudyInterrupted, match="behavior phase: 1 of 2 .*behavior-bbb.*again to resume"):
+        check_complete(store, "behavior", ["behavior-aaa", "behavior-bbb"], "artifact.pt")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cepdist import toy
+from cepdist.algos import toy
 from cepdist.cli import main
 
 

@@ -8,7 +8,10 @@ from typing import Sequence
 import numpy as np
 import ray
 
-from ..evaluation import EvalResult, all_pairs
+from ..algos.qgpo.config import SolverConfig
+from ..algos.qgpo.policy import load_policy
+from ..data.tasks import get_task
+from ..envs.evaluation import EvalResult, all_pairs, evaluate
 
 
 @ray.remote
@@ -23,21 +26,18 @@ class EvalActor:
 
 def run_pairs(payload: dict, task_name: str, scales, episodes, seed, pairs=None, max_steps=None) -> EvalResult:
     """Evaluate (scale, episode) pairs (default: all) of the policy a payload describes, in this process."""
-    from ..evaluation import evaluate
-    from ..tasks import get_task
     return evaluate(policy_from_payload(payload), get_task(task_name), scales, episodes, seed, pairs, max_steps)
 
 
-def policy_payload(behavior_ck: dict, critic_ck: dict | None, method: str, solver: dict) -> dict:
+def policy_payload(behavior: dict, method: str, solver: SolverConfig, *, energy: dict | None = None,
+                   q: dict | None = None, beta: float | None = None) -> dict:
     """What an actor needs to rebuild the guided policy: checkpoint dicts (tensors) and settings."""
-    return {"behavior": behavior_ck, "critic": critic_ck, "method": method, "solver": solver}
+    return {"behavior": behavior, "method": method, "solver": solver, "energy": energy, "q": q, "beta": beta}
 
 
 def policy_from_payload(p: dict):
-    from ..config import SolverConfig, from_dict
-    from ..qgpo import GuidedPolicy, load_behavior, load_critic
-    critic = load_critic(p["critic"]) if p["critic"] is not None else None
-    return GuidedPolicy(load_behavior(p["behavior"]), critic, p["method"], from_dict(SolverConfig, p["solver"]))
+    return load_policy(p["behavior"], p["method"], energy=p["energy"], q=p["q"], beta=p["beta"],
+                       solver=p["solver"])
 
 
 class EvalPool:

@@ -2,32 +2,37 @@
 network, locally generated data) and `local` (the CPU-scale learning study)."""
 from __future__ import annotations
 
-from ..config import BehaviorConfig, CriticConfig, QGPOConfig, SolverConfig, SupportConfig
-from ..tasks import PAPER_ANTMAZE, PAPER_LOCOMOTION
-from .sweep import StudyConfig
+from ..algos.qgpo.config import (BehaviorConfig, EnergyConfig, QConfig, QGPOConfig, SolverConfig,
+                                 SupportConfig)
+from ..data.tasks import PAPER_ANTMAZE, PAPER_LOCOMOTION
+from .study import StudyConfig
+
+PRESETS = ("smoke", "local", "paper")
 
 
 def preset(name: str) -> StudyConfig:
     if name == "paper":
+        # K and the reward rule from each task (None); Q 500k steps, then fφ 1M steps on the frozen Q̄
         return StudyConfig(name="paper", tasks=PAPER_LOCOMOTION + PAPER_ANTMAZE, seeds=(0, 1, 2, 3, 4),
-                           base=QGPOConfig(), eval_episodes=10, eval_every=40_000, eval_actors=4,
-                           train_workers=1, use_gpu=True, trial_cpus=2)
+                           eval_episodes=10, eval_every=40_000, eval_actors=4, train_workers=1, use_gpu=True,
+                           trial_cpus=2)
     if name == "smoke":
         return StudyConfig(
-            name="smoke", tasks=("hopper-random-local",), seeds=(0, 1), betas=(3.0,), Ks=(8,), solver_steps=(5,),
-            scales=(0.0, 1.0, 3.0), dataset_rows=20_000, eval_episodes=2, eval_max_steps=200, eval_every=150,
-            eval_actors=1, trial_cpus=1, max_concurrent=1,
+            name="smoke", tasks=("hopper-random-local",), seeds=(0, 1), scales=(0.0, 1.0, 3.0), dataset_rows=20_000,
+            eval_episodes=2, eval_max_steps=200, eval_every=150, eval_actors=1, trial_cpus=1, max_concurrent=1,
             base=QGPOConfig(
                 behavior=BehaviorConfig(widths=(64, 32, 16), steps=300, batch_size=256, lr=1e-3, log_every=100,
                                         ckpt_every=300),
-                support=SupportConfig(M=8, batch_states=2048, solver=SolverConfig(steps=5)),
-                critic=CriticConfig(q_hidden=(64, 64), f_hidden=(64, 64), steps=300, batch_size=128, lr_q=1e-3,
-                                    lr_f=1e-3, log_every=50, ckpt_every=150),
+                support=SupportConfig(K=8, batch_states=2048, solver=SolverConfig(steps=5)),
+                q=QConfig(hidden=(64, 64), steps=300, batch_size=128, lr=1e-3, reward=None, log_every=50,
+                          ckpt_every=150),
+                energy=EnergyConfig(hidden=(64, 64), steps=300, batch_size=128, lr=1e-3, log_every=50,
+                                    ckpt_every=150),
                 sampler=SolverConfig(steps=5)))
     if name == "local":
         # budgets for ≈75 min of compute on 2 CPU cores (9 trials, two at a time, one core each); per
         # (task, seed): ≈5 min behaviour (6k steps at ≈20/s), ≈3.5 min support (50k next states × 8 at
-        # ≈1.9k/s; 7 min for the 100k-row medium-expert), ≈6 min critic (4k steps, Q for the first 3k), and
+        # ≈1.9k/s; 7 min for the 100k-row medium-expert), Q 3k steps then fφ 4k steps on the frozen Q̄, and
         # 2 evaluations of 5 episodes × 5 scales inside the trial (eval_actors=0). Short schedules take
         # larger steps than the reference (behaviour lr 1e-3 instead of 1e-4, fφ 1e-3 instead of 3e-4).
         # β = 30, not 3: after 3k Q steps Q̄ is ≈10× below its converged scale (≈15 against ≈150 on hopper),
@@ -35,11 +40,11 @@ def preset(name: str) -> StudyConfig:
         # nearly uniform (entropy 2.03 against log 8 = 2.08) and fφ learns nothing (loss stays at log K)
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
-            seeds=(0, 1, 2), betas=(30.0,), Ks=(8,), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
-            dataset_rows=50_000, eval_episodes=5, eval_every=2000, eval_actors=0, trial_cpus=1, max_concurrent=0,
+            seeds=(0, 1, 2), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
+            dataset_rows=50_000, eval_episodes=5, eval_every=2000, eval_actors=0, trial_cpus=1,
             base=QGPOConfig(behavior=BehaviorConfig(steps=6000, batch_size=256, lr=1e-3, log_every=500,
                                                     ckpt_every=2000),
-                            support=SupportConfig(M=8, batch_states=512),
-                            critic=CriticConfig(steps=4000, q_fraction=0.75, batch_size=256, lr_f=1e-3,
-                                                log_every=250, ckpt_every=2000)))
-    raise ValueError(f"unknown preset {name!r}; expected paper, smoke or local")
+                            support=SupportConfig(K=8, batch_states=512),
+                            q=QConfig(steps=3000, reward=None, log_every=250, ckpt_every=1000),
+                            energy=EnergyConfig(beta=30.0, steps=4000, lr=1e-3, log_every=250, ckpt_every=2000)))
+    raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")

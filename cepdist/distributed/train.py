@@ -1,9 +1,11 @@
-"""Any QGPO training stage, data-parallel under a Ray Train TorchTrainer.
+"""Any training stage, data-parallel under a Ray Train TorchTrainer.
 
 A stage is a function `stage(parallel, ckpt_path, callback, device)`; this module supplies the worker's
 rank and world size, DDP (gloo on CPU, NCCL on GPU), checkpoints through Ray Train (rank 0's stage
 checkpoint file), and on restart after a worker failure the last reported checkpoint, from which the
-stage function resumes. The global batch is preserved: the stage splits it across workers."""
+stage function resumes. The global batch is preserved: the stage splits it across workers. A stage that
+fails deterministically (bad config or data, a non-finite loss) is not restarted: the worker reports the
+cause and `run_data_parallel` raises it once as a StageError."""
 from __future__ import annotations
 
 import logging
@@ -12,13 +14,21 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ..algos.loop import NonFiniteLossError
+
 log = logging.getLogger("cepdist")
 
 StageFn = Callable[..., None]
+PERMANENT = (ValueError, NonFiniteLossError)      # failures a retry cannot fix
+
+
+class StageError(ValueError):
+    """A stage failed in a way a retry cannot fix; the message names the cause."""
 
 
 def run_data_parallel(stage: StageFn, *, workers: int, ckpt_file: str, name: str, storage_path: str,
-                      use_gpu: bool = False, max_failures: int = 2, out: Path | None = None) -> Path:
+                      use_gpu: bool = False, cpus_per_worker: float = 1.0, max_failures: int = 2,
+                      out: Path | None = None) -> Path:
     """Run `stage` on `workers` Ray Train workers; return the final checkpoint file, copied to `out` (a file
     path, or an existing directory to put `ckpt_file` in; default a new temporary directory)."""
     import ray.train
@@ -28,7 +38,8 @@ def run_data_parallel(stage: StageFn, *, workers: int, ckpt_file: str, name: str
     def loop(config):
         import torch
         from ray.train.torch import get_device, prepare_model
-        from cepdist.qgpo import Parallel
+        from cepdist.algos.qgpo.stages import Parallel
+        torch.set_num_threads(max(1, int(cpus_per_worker)))
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = get_device() if use_gpu else torch.device("cpu")
@@ -49,15 +60,22 @@ def run_data_parallel(stage: StageFn, *, workers: int, ckpt_file: str, name: str
             else:
                 ray.train.report(metrics)
 
-        stage(Parallel(rank, world, wrap), local if (rank == 0 or restored is not None) else None, report, device)
+        try:
+            stage(Parallel(rank, world, wrap), local if (rank == 0 or restored is not None) else None, report,
+                  device)
+        except PERMANENT as e:                        # not a worker crash: report it instead of being restarted
+            ray.train.report({"fatal": f"{type(e).__name__}: {e}"})
 
     trainer = TorchTrainer(
         loop,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures)))
     result = trainer.fit()
+    if (result.metrics or {}).get("fatal"):
+        raise StageError(result.metrics["fatal"])
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} ended without a checkpoint ({result.error})")
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cepdist-"))

@@ -14,9 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .envs import make_env
-from .qgpo import GuidedPolicy
-from .tasks import Task
+from .environments import make_env
+from ..data.tasks import Task
 
 log = logging.getLogger("cepdist")
 
@@ -50,7 +49,7 @@ def all_pairs(n_scales: int, episodes: int) -> list[tuple[int, int]]:
     return [(i, e) for i in range(n_scales) for e in range(episodes)]
 
 
-def evaluate(policy: GuidedPolicy, task: Task, scales: Sequence[float], episodes: int, seed: int = 0,
+def evaluate(policy, task: Task, scales: Sequence[float], episodes: int, seed: int = 0,
              pairs: Sequence[tuple[int, int]] | None = None, max_steps: int | None = None) -> EvalResult:
     """Run the (scale index, episode) pairs (default: all) to the end of their episodes."""
     scales = [float(w) for w in scales]

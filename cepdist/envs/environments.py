@@ -20,7 +20,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 
-from .tasks import Task
+from ..data.tasks import Task
 
 ANT_CONTACT_DIMS = 84
 # gymnasium-robotics id → (its wall map's name, D4RL's evaluation start cell, goal cell) as (row, col)

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .data import Transitions, episode_returns
+from .transitions import Transitions, episode_returns
 from .tasks import Task, get_task
 
 log = logging.getLogger("cepdist")
@@ -108,21 +108,21 @@ def episode_ends(arr: dict[str, np.ndarray]) -> np.ndarray:
     return term | arr.get("timeouts", np.zeros_like(term)).astype(bool)
 
 
-def behaviour_score(arr: dict[str, np.ndarray], task: Task) -> float:
+def dataset_score(arr: dict[str, np.ndarray], task: Task) -> float:
     """The dataset's own normalised score: mean return over its complete episodes (terminal or timeout)."""
     rets = episode_returns(arr["rewards"], episode_ends(arr))
     return float(task.normalized_score(rets.mean())) if len(rets) else float("nan")
 
 
 def summarize(arr: dict[str, np.ndarray], task: Task, path: Path | str = "") -> dict:
-    """Counts and the behaviour score of a dataset."""
+    """Counts, mean episode return and the dataset's own normalised score."""
     term = arr["terminals"].astype(bool)
     rets = episode_returns(arr["rewards"], episode_ends(arr))
     mean = float(rets.mean()) if len(rets) else float("nan")
     return {"task": task.name, "path": str(path), "transitions": len(to_transitions(arr, task.episode_length)),
             "rows": int(len(term)), "episodes": int(len(rets)), "terminals": int(term.sum()),
             "obs_dim": int(arr["observations"].shape[1]), "act_dim": int(arr["actions"].shape[1]),
-            "mean_return": mean, "normalized_score": float(task.normalized_score(mean)),
+            "mean_return": mean, "dataset_score": float(task.normalized_score(mean)),
             "dtype": str(arr["observations"].dtype)}
 
 
@@ -224,3 +224,20 @@ def minari_to_transitions(arr: dict[str, np.ndarray]) -> Transitions:
 def minari_metadata(dataset_id: str, root: Path | None = None) -> dict:
     p = Path(root or minari_dir()) / dataset_id / "metadata.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def ensure_datasets(tasks, root: str | None = None, rows: int | None = None, policy_dir: str | None = None):
+    """Validate every task's file now, before any long work; generate missing *-local datasets (rows per
+    part, default 1M). A missing D4RL file is an error that says how to get it."""
+    from .generate import generate
+    for name in tasks:
+        task = get_task(name)
+        path = local_path(task, Path(root) if root else None)
+        if path.is_file():
+            read_hdf5(path, task)
+            continue
+        if not task.local:
+            raise DatasetError(f"{task.name}: no file at {path}; `cepdist data download {task.name}` "
+                               "or put the original file there")
+        log.info("generating %s (%d rows) → %s", task.name, rows or 1_000_000, path)
+        generate(task.name, path, rows or 1_000_000, seed=0, policy_root=policy_dir)

@@ -1,4 +1,4 @@
-"""Experiment tracking behind a small interface; MLflow is one implementation.
+"""Experiment tracking on MLflow.
 
 The embedded default is a sqlite store in the working directory (`sqlite:///mlflow.db`); on a cluster,
 a tracking server URI. Nothing assumes a file store. Runs are identified by a stable key (a tag), so a
@@ -6,16 +6,9 @@ retried or resumed trial continues its run instead of creating a second one. Met
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-
-
-class Tracker(Protocol):
-    def start(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str: ...
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None: ...
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None: ...
-    def finish(self, run_id: str, status: str = "FINISHED") -> None: ...
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,5 +57,8 @@ class MLflowTracker:
         from mlflow.entities import RunTag
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def finish(self, run_id: str, status: str = "FINISHED"):
+    def finish(self, run_id: str, status: str = "FINISHED", cause: str | None = None):
+        """End a run: FINISHED, FAILED (with its cause as a tag) or KILLED."""
+        if cause:
+            self.set_tags(run_id, {"failure": cause[:5000]})
         self.client.set_terminated(run_id, status)

@@ -54,7 +54,8 @@ class Task:
         return self.domain
 
     @property
-    def M(self) -> int:
+    def K(self) -> int:
+        """Support actions per state (the reference's K = M)."""
         return 32 if self.domain == "antmaze" else 16
 
     @property

@@ -1,4 +1,4 @@
-"""From a study's MLflow runs to the tables of a paper: a tidy results frame, per-task means with bootstrap
+"""From a study's results table to the tables of a paper: per-task means with bootstrap
 confidence intervals over seeds, two selection rules for the guidance scale, and per-domain aggregates
 (mean and interquartile mean) with stratified-bootstrap intervals. Published QGPO numbers stand beside D4RL
 tasks and never beside locally generated ones. Every bootstrap takes a seed."""
@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import trim_mean
 
-from .tasks import TASKS
+from ..data.tasks import TASKS
 
-KEYS = ["task", "seed", "beta", "K", "steps", "method", "scale", "critic_step"]
+KEYS = ["task", "seed", "beta", "K", "steps", "method", "scale", "step"]
 HYPER = ["beta", "K", "steps", "method"]
-DIAGNOSTICS = ["q_mean", "q_std", "target_mean", "q_loss", "f_loss"]
+DIAGNOSTICS = ["q_mean", "q_std", "target_mean", "q_loss", "energy_loss"]
 
 # QGPO, paper Table 1 (normalised ×100, mean ± std); AntMaze version not stated by the authors
 PUBLISHED_QGPO = {
@@ -41,56 +41,32 @@ def domain(task: str) -> str:
 
 
 # ---------------------------------------------------------------- the tidy frame
-def _runs(experiment: str, tracking_uri: str):
-    """(run base columns, metric-history reader) for every trial run of an experiment."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}; found: {', '.join(names) or 'none'}")
-    for run in client.search_runs([exp.experiment_id], max_results=50_000):
-        p = run.data.params
-        if "scales" not in p:
-            continue
-        base = {"task": p["task"], "seed": int(p["seed"]), "beta": float(p["beta"]), "K": int(p["K"]),
-                "steps": int(p["steps"]), "method": p["method"], "run_id": run.info.run_id}
-        history = lambda name, rid=run.info.run_id: {  # noqa: E731
-            m.step: m.value for m in client.get_metric_history(rid, name)}
-        yield base, [float(x) for x in p["scales"].strip("[]").split(",")], history
+def load_results(path) -> pd.DataFrame:
+    """A study's results table (results.parquet, written by the study): one row per task, seed,
+    hyperparameters, method, guidance scale, evaluation step and episode set."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no results table at {path}; run the study first (`cepdist study run`)")
+    df = pd.read_parquet(path)
+    missing = [c for c in KEYS + ["score", "dataset_score"] if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not a cepdist results table (missing columns {', '.join(missing)})")
+    if df.empty:
+        raise ValueError(f"{path}: the results table has no rows")
+    return df.sort_values(KEYS).reset_index(drop=True)
 
 
-def frame_from_mlflow(experiment: str, tracking_uri: str) -> pd.DataFrame:
-    """One row per (task, seed, β, K, steps, method, scale, evaluation step): score, raw return, and the
-    behaviour dataset's own score."""
-    rows = []
-    for base, scales, history in _runs(experiment, tracking_uri):
-        dataset = history("dataset_score")
-        for w in scales:
-            score, ret = history(f"score_w{w:g}"), history(f"return_w{w:g}")
-            for step, v in score.items():
-                rows.append({**base, "scale": w, "critic_step": int(step), "score": v,
-                             "return": ret.get(step, np.nan), "dataset_score": dataset.get(step, np.nan)})
-    if not rows:
-        raise ValueError(f"experiment {experiment!r} has no evaluated trials")
-    return pd.DataFrame(rows).sort_values(KEYS).reset_index(drop=True)
-
-
-def diagnostics_from_mlflow(experiment: str, tracking_uri: str) -> pd.DataFrame:
-    """The critic's training statistics per trial and evaluation step: losses, Q̄ over the support
-    actions (mean, std), Q-target mean."""
-    rows = []
-    for base, _, history in _runs(experiment, tracking_uri):
-        stats = {k: history(k) for k in DIAGNOSTICS}
-        for step in sorted(set().union(*stats.values())):
-            rows.append({**base, "critic_step": int(step), **{k: v.get(step, np.nan) for k, v in stats.items()}})
-    return pd.DataFrame(rows, columns=[*KEYS[:6], "run_id", "critic_step", *DIAGNOSTICS])
+def diagnostics(df: pd.DataFrame) -> pd.DataFrame:
+    """Q's and the energy model's training statistics per trial and evaluation step."""
+    cols = [c for c in DIAGNOSTICS if c in df.columns]
+    return df.drop_duplicates(KEYS[:6] + ["step"])[KEYS[:6] + ["step"] + cols].reset_index(drop=True)
 
 
 def final(df: pd.DataFrame) -> pd.DataFrame:
     """The last evaluation of every trial."""
-    last = df.groupby(["task", "seed", "beta", "K", "steps", "method"])["critic_step"].transform("max")
-    return df[df.critic_step == last]
+    last = df.groupby(["task", "seed", "beta", "K", "steps", "method"])["step"].transform("max")
+    return df[df.step == last]
 
 
 # ---------------------------------------------------------------- statistics

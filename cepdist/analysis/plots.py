@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis import bootstrap_ci, final
+from .stats import bootstrap_ci, final
 
 
 def _plt():
@@ -86,19 +86,20 @@ def learning_curves(df: pd.DataFrame, out: Path, seed: int = 0) -> list[Path]:
     for ax, task in zip(axes[0], tasks):
         g = df[df.task == task]
         for i, (w, gw) in enumerate(g.groupby("scale")):
-            xs, m, lo, hi = _band(gw, "critic_step", seed)
+            xs, m, lo, hi = _band(gw, "step", seed)
             ax.plot(xs, m, "-", color=f"C{i}", label=f"w = {w:g}" + (" (behaviour)" if w == 0 else ""))
             ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
-        ax.set_title(task); ax.set_xlabel("critic step"); ax.grid(alpha=0.3)
+        ax.set_title(task); ax.set_xlabel("training step (energy; dps: Q)"); ax.grid(alpha=0.3)
         ax.set_ylabel("normalised score (95% CI over seeds)")
         ax.legend(fontsize=7)
     return _save(fig, out / "learning_curves")
 
 
 def q_statistics(diag: pd.DataFrame, out: Path) -> list[Path]:
-    """The critic at every evaluation, per task (mean over seeds, thin lines per seed): Q̄ over the support
-    actions (mean, ± its std across them), the Q-target mean, and the Q and CEP losses. A diverging Q shows
-    as a mean or target that runs away; a CEP loss stuck at log K as an energy model that learned nothing."""
+    """Q and the energy model at every evaluation, per task (mean over seeds, thin lines per seed): the frozen
+    Q̄ over the support actions (mean, ± its std across them), Q's final target mean and loss, and the energy
+    loss. A diverged Q shows as a mean or target far from the reward scale; an energy loss stuck at log K as
+    an energy model that learned nothing."""
     plt = _plt()
     diag = diag.dropna(subset=["q_mean"])
     tasks = sorted(diag.task.unique())
@@ -106,24 +107,24 @@ def q_statistics(diag: pd.DataFrame, out: Path) -> list[Path]:
         return []
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.5 * len(tasks), 6.5), squeeze=False)
     for j, task in enumerate(tasks):
-        g = diag[diag.task == task].sort_values("critic_step")
+        g = diag[diag.task == task].sort_values("step")
         ax = axes[0, j]
         for seed, gs in g.groupby("seed"):
-            ax.plot(gs.critic_step, gs.q_mean, color="C0", alpha=0.3, lw=0.8)
-        m = g.groupby("critic_step")[["q_mean", "q_std", "target_mean"]].mean()
+            ax.plot(gs.step, gs.q_mean, color="C0", alpha=0.3, lw=0.8)
+        m = g.groupby("step")[["q_mean", "q_std", "target_mean"]].mean()
         ax.plot(m.index, m.q_mean, "o-", color="C0", label="Q̄ over support actions (mean)")
         ax.fill_between(m.index, m.q_mean - m.q_std, m.q_mean + m.q_std, color="C0", alpha=0.15, label="± std")
         if m.target_mean.notna().any():
             ax.plot(m.index, m.target_mean, "s--", color="C3", label="Q target (mean)")
-        ax.set_title(task); ax.set_xlabel("critic step"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+        ax.set_title(task); ax.set_xlabel("training step (energy; dps: Q)"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
         ax = axes[1, j]
-        for name, c in (("q_loss", "C3"), ("f_loss", "C2")):
-            mm = g.groupby("critic_step")[name].mean().dropna()
+        for name, c in (("q_loss", "C3"), ("energy_loss", "C2")):
+            mm = g.groupby("step")[name].mean().dropna()
             if len(mm):
                 ax.plot(mm.index, mm.values, "o-", color=c, label=name.replace("_", " "))
         K = g["K"].iloc[0]
         ax.axhline(np.log(K), color="C2", ls=":", lw=1, label=f"log K (uniform CEP)")
-        ax.set_xlabel("critic step"); ax.set_yscale("log"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+        ax.set_xlabel("training step (energy; dps: Q)"); ax.set_yscale("log"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
     axes[0, 0].set_ylabel("Q (preprocessed reward units)")
     axes[1, 0].set_ylabel("training loss (last log interval)")
     return _save(fig, out / "q_statistics")

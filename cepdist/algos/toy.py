@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import BehaviorConfig, SolverConfig, to_dict
-from .diffusion import VPSchedule
-from .guidance import METHODS, energy_loss, guided_sample, make_guidance
+from ..config import to_dict
+from ..core.guidance import METHODS, energy_loss, guided_sample, make_guidance
+from ..core.nets import EnergyNet, ValueNet
 from .loop import Loop, resume_state
-from .nets import EnergyNet, ValueNet
-from .qgpo import adam, plan_for, seed_generator, train_behavior
+from .qgpo.config import BehaviorConfig, SolverConfig
+from .qgpo.stages import adam, make_schedule, plan_for, seed_generator, train_behavior
 
 log = logging.getLogger("cepdist")
 DATASETS = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")
@@ -129,7 +129,7 @@ class ToyModels:
         self.dataset, self.preset, self.seed, self.device = dataset, preset, seed, torch.device(device)
         key = hashlib.sha1(json.dumps([to_dict(preset), seed]).encode()).hexdigest()[:10]
         self.dir = Path(cache_dir) / f"{dataset}-{key}"
-        self.schedule = VPSchedule()
+        self.schedule = make_schedule(preset.behavior.schedule)
         self._data = None
         self._behavior = None
 
@@ -144,7 +144,7 @@ class ToyModels:
         if self._behavior is None:
             x, _ = self.data
             self._behavior = train_behavior(self.preset.behavior, None, x, seed=self.seed,
-                                             schedule=self.schedule, ckpt_path=self.dir / "behavior.pt")
+                                             ckpt_path=self.dir / "behavior.pt")
         return self._behavior
 
     def _fit(self, name: str, net: torch.nn.Module, loss_fn, steps: int):

@@ -1,0 +1,84 @@
+"""The guided policy, built from stage artifacts, and `run_qgpo`: every stage in one process.
+
+The policy samples with the behaviour model's own schedule; cep/mse guide with ∇a fφ, dps with β·Q̄ at the
+Tweedie estimate, and a policy without guidance is the behaviour model alone (w must then be 0)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...core.guidance import Guidance, check_method, guided_sample, make_guidance
+from ...core.nets import EnergyNet, ScoreNet, TwinQ
+from ...data.transitions import Transitions
+from ..loop import Callback
+from .config import QGPOConfig, SolverConfig
+from .stages import (generate_support, load_behavior, load_energy, load_q, plan_for, seed_generator, train_behavior,
+                     train_energy, train_q)
+
+
+class GuidedPolicy:
+    """state batch → actions, for any guidance scale w (a float, or one per state) and solver settings."""
+
+    def __init__(self, behavior: ScoreNet, method: str = "cep", *, energy: EnergyNet | None = None,
+                 q: TwinQ | None = None, beta: float | None = None, solver: SolverConfig | None = None,
+                 seed: int = 0):
+        self.behavior = behavior.eval()
+        self.schedule = behavior.schedule
+        self.solver = solver or SolverConfig()
+        self.method = check_method(method)
+        self.guidance: Guidance | None = None
+        if method == "dps" and q is not None:
+            if beta is None:
+                raise ValueError("dps guidance needs β (energy.beta)")
+            self.guidance = make_guidance("dps", value=lambda a, s: beta * q.min(a, s))
+        elif method != "dps" and energy is not None:
+            self.guidance = make_guidance(method, energy)
+        self.device = next(behavior.parameters()).device
+        self.generator = seed_generator(seed, "policy", self.device)
+        self._plans = {}
+
+    def plan(self, solver: SolverConfig):
+        key = (solver.steps, solver.order, solver.method, solver.spacing)
+        if key not in self._plans:
+            self._plans[key] = plan_for(self.schedule, solver)
+        return self._plans[key]
+
+    def __call__(self, states, w=1.0, n: int = 1, solver: SolverConfig | None = None,
+                 x_init: torch.Tensor | None = None) -> torch.Tensor:
+        states = torch.as_tensor(np.asarray(states) if not torch.is_tensor(states) else states,
+                                 dtype=torch.float32, device=self.device)
+        if torch.is_tensor(w) or isinstance(w, (list, tuple, np.ndarray)):
+            w = torch.as_tensor(w, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+            if self.guidance is None and not bool((w == 0).all()):
+                raise ValueError("guidance scale w ≠ 0 needs a trained energy model (or Q for dps)")
+            w = 0.0 if self.guidance is None else w      # a behaviour-only policy: per-state zeros
+        elif w != 0 and self.guidance is None:
+            raise ValueError("guidance scale w ≠ 0 needs a trained energy model (or Q for dps)")
+        a = guided_sample(self.behavior, self.plan(solver or self.solver), states, n, self.guidance, w,
+                          generator=self.generator, x_init=x_init)
+        return a[:, 0] if n == 1 else a
+
+
+def load_policy(behavior, method: str, *, energy=None, q=None, beta: float | None = None,
+                solver: SolverConfig | None = None, seed: int = 0) -> GuidedPolicy:
+    """A guided policy from checkpoint files or loaded checkpoint dicts (energy for cep/mse, q for dps)."""
+    return GuidedPolicy(load_behavior(behavior), method, energy=None if energy is None else load_energy(energy),
+                        q=None if q is None else load_q(q), beta=beta, solver=solver, seed=seed)
+
+
+def run_qgpo(cfg: QGPOConfig, data: Transitions, out_dir: Path | None = None,
+             callback: Callback | None = None) -> GuidedPolicy:
+    """All stages in order on one process; with out_dir, every stage checkpoints there and resumes."""
+    path = (lambda name: Path(out_dir) / name) if out_dir is not None else (lambda name: None)
+    behavior = train_behavior(cfg.behavior, data.obs, data.actions, seed=cfg.seed, ckpt_path=path("behavior.pt"),
+                              callback=callback)
+    support = generate_support(cfg.support, behavior, data, seed=cfg.seed, ckpt_path=path("support.pt"))
+    q = train_q(cfg.q, data, support, seed=cfg.seed, ckpt_path=path("q.pt"), callback=callback)
+    energy = None
+    if cfg.energy.method != "dps":
+        energy = train_energy(cfg.energy, q, support, data, behavior.schedule, seed=cfg.seed,
+                              ckpt_path=path("energy.pt"), callback=callback)
+    return GuidedPolicy(behavior, cfg.energy.method, energy=energy, q=q, beta=cfg.energy.beta, solver=cfg.sampler,
+                        seed=cfg.seed)

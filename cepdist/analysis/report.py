@@ -1,0 +1,53 @@
+"""A study's report from its results table (results.parquet): the results table (Markdown, LaTeX, CSV)
+with per-domain aggregates, every scale against w = 0 beside the dataset's own score, Q's and the energy
+model's statistics, sensitivity figures, the task × scale heat map, learning curves (PNG + PDF), and an
+index.md linking them. `cepdist report` runs it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots, stats
+
+
+def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int = 0) -> Path:
+    df = stats.load_results(results)
+    out.mkdir(parents=True, exist_ok=True)
+    study = ", ".join(sorted(df.study.unique()))
+    scales = sorted(df.scale.unique())
+    if fixed_scale is None:
+        fixed_scale = 1.0 if 1.0 in scales else max(scales)
+    elif fixed_scale not in scales:
+        raise ValueError(f"--fixed-scale {fixed_scale:g} was not evaluated; scales: {', '.join(f'{s:g}' for s in scales)}")
+    tt = stats.task_table(df, fixed_scale, seed=seed)
+    dt = pd_concat([stats.domain_table(df, rule, fixed_scale, seed=seed) for rule in ("fixed", "best")])
+    md, tex = stats.render(tt, dt, fixed_scale)
+    (out / "table.md").write_text(md)
+    (out / "table.tex").write_text(tex)
+    tt.to_csv(out / "table.csv", index=False)
+    dt.to_csv(out / "domains.csv", index=False)
+    st = stats.scale_table(df, seed=seed)
+    st.to_csv(out / "scales.csv", index=False)
+    diag = stats.diagnostics(df)
+    diag.to_csv(out / "critic.csv", index=False)
+    figs = plots.sensitivity(df, out, seed) + plots.heatmap(df, out) + plots.learning_curves(df, out, seed) \
+        + plots.q_statistics(diag, out)
+    n_trials = df.drop_duplicates(stats.KEYS[:6]).shape[0]
+    lines = [f"# Study `{study}`", "", f"Results table: `{results}`; {n_trials} trials, "
+             f"{df.task.nunique()} task(s), {df.seed.nunique()} seed(s), scales {', '.join(f'{s:g}' for s in scales)}.",
+             "", "## Results table", "", md, "", "## Every guidance scale against the behaviour model (w = 0)", "",
+             stats.render_scale_table(st), "",
+             "Files: [table.md](table.md), [table.tex](table.tex), [table.csv](table.csv), [scales.csv](scales.csv), "
+             "[domains.csv](domains.csv), [critic.csv](critic.csv) (losses and Q statistics per evaluation); the tidy results table is "
+             f"`{results}`.", "", "## Figures", ""]
+    for f in figs:
+        if f.suffix == ".png":
+            lines += [f"### {f.stem.replace('_', ' ')}", "", f"![{f.stem}]({f.name}) ([PDF]({f.stem}.pdf))", ""]
+    (out / "index.md").write_text("\n".join(lines))
+    return out / "index.md"
+
+
+def pd_concat(frames):
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,280 @@
+"""Running a study: Ray, the three Tune phases, MLflow, progress lines, failures, the results table.
+
+Each phase is one Tune run over the distinct stage keys it still has to compute (behaviour models, then
+Q functions with their support sets, then one trial per grid point for the energy model and evaluation),
+so a stage shared by many trials is computed once, and re-running a study computes only what is missing.
+The study config reaches every trial typed (`tune.with_parameters`); the search space holds only each
+trial's hyperparameters. Before anything starts, the resources one trial needs are checked against the
+cluster. Output: one line per stage event and a progress line per phase; Ray's and Tune's own output only
+with `verbose`."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from .results import write_table
+from .store import ArtifactStore
+from .study import StudyConfig, Trial, store_path, trials
+from .tracking import MLflowTracker
+from .trials import behavior_phase, policy_phase, q_phase
+
+log = logging.getLogger("cepdist")
+
+# (phase, trainable, the stage whose distinct keys are its units, the file that marks a unit done)
+PHASES = (("behavior", behavior_phase, "behavior", "artifact.pt"), ("q", q_phase, "q", "artifact.pt"),
+          ("policy", policy_phase, "evaluation", "result.json"))
+
+
+class StudyInterrupted(RuntimeError):
+    pass
+
+
+class StudyFailed(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- resources
+def trial_resources(study: StudyConfig, eval_actors: int) -> list[dict]:
+    """The placement-group bundles of one trial: the trial itself (it trains unless Ray Train workers
+    do), then one CPU per evaluation actor. Ray Train workers are requested by the trial on their own."""
+    train = ({"CPU": study.trial_cpus, "GPU": 1 if study.use_gpu else 0} if study.train_workers == 0
+             else {"CPU": 0.01})
+    return [train] + [{"CPU": 1}] * eval_actors
+
+
+def check_resources(study: StudyConfig, cluster: dict, nodes: list[dict]):
+    """Refuse a study whose single trial can never be placed, naming what it needs and what exists."""
+    bundles = trial_resources(study, study.eval_actors)
+    workers = [{"CPU": study.train_worker_cpus, "GPU": 1 if study.use_gpu else 0}] * study.train_workers
+    need_cpu = sum(b["CPU"] for b in bundles + workers)
+    need_gpu = sum(b.get("GPU", 0) for b in bundles + workers)
+    have_cpu, have_gpu = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    biggest = max((n.get("Resources", {}).get("CPU", 0) for n in nodes if n.get("Alive")), default=have_cpu)
+    parts = [f"trial {bundles[0]['CPU']:g}"]
+    if study.train_workers:
+        parts.append(f"{study.train_workers} Ray Train worker(s) × {study.train_worker_cpus:g}")
+    if study.eval_actors:
+        parts.append(f"{study.eval_actors} evaluation actor(s) × 1")
+    problem = None
+    if need_cpu > have_cpu + 1e-9 or need_gpu > have_gpu:
+        problem = (f"one trial needs {need_cpu:g} CPU ({' + '.join(parts)}) and {need_gpu:g} GPU, "
+                   f"the cluster has {have_cpu:g} CPU and {have_gpu:g} GPU")
+    elif max([b["CPU"] for b in bundles + workers]) > biggest + 1e-9:
+        problem = f"a single bundle needs more CPUs than the largest node has ({biggest:g})"
+    if problem:
+        raise ValueError(f"infeasible resources: {problem}; lower --train-workers, --eval-actors, "
+                         "train_worker_cpus or trial_cpus, or add nodes")
+
+
+# ---------------------------------------------------------------- driver-side callbacks
+def _fmt(sec: float) -> str:
+    sec = int(sec)
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, tracker: MLflowTracker | None):
+    """Progress lines, fatal-failure capture and (policy phase) one MLflow run per trial."""
+    from ray.tune import Callback, Stopper
+    by_key = {t.keys["evaluation" if phase == "policy" else phase]: t for t in units}
+
+    def trial_of(trial) -> Trial:
+        from .study import make_trial
+        return make_trial(study, trial.config["trial"])
+
+    class Events(Callback):
+        def __init__(self):
+            self.t0 = self.last = time.time()
+            self.done, self.running = 0, {}
+            self.runs: dict[str, str] = {}
+            self.logged: dict[str, set] = {}
+            self.failed: set[str] = set()
+
+        # -- MLflow: one run per trial, keyed by its evaluation key (a retry continues it)
+        def _run(self, t: Trial) -> str:
+            key = t.keys["evaluation"]
+            if key not in self.runs:
+                tags = {f"key_{k}": v for k, v in t.keys.items()}
+                self.runs[key] = tracker.start(key, t.label, {**t.hyper, "scales": list(t.scales),
+                                                              "config": dataclasses.asdict(t.config)},
+                                               {**tags, "study": study.name})
+                hist = tracker.client.get_metric_history(self.runs[key], "eval_seconds")
+                self.logged[key] = {m.step for m in hist}          # logged by an earlier attempt
+            return self.runs[key]
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            t, ev = trial_of(trial), result.get("event")
+            stage = result.get("stage", "?")
+            if ev == "start":
+                self.running[trial.trial_id] = stage
+            elif ev == "done":
+                log.info("%-10s done  %s (%s)", stage, t.label, _fmt(result.get("seconds", 0)))
+            elif ev == "evaluation":
+                scores = ", ".join(f"w={w:g} {result[f'score_w{w:g}']:.1f}" for w in t.scales)
+                log.info("evaluation %s step %d: %s", t.label, result["step"], scores)
+                if tracker is not None:
+                    rid = self._run(t)
+                    if result["step"] not in self.logged[t.keys["evaluation"]]:
+                        tracker.log_metrics(rid, evaluation_metrics_of(result),
+                                            int(result["step"]))
+                        self.logged[t.keys["evaluation"]].add(result["step"])
+            elif ev == "fatal":
+                fatal.append((stage, t.label, result["cause"]))
+                self.failed.add(trial.trial_id)
+                if tracker is not None:
+                    tracker.finish(self._run(t), "FAILED", f"{stage}: {result['cause']}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            self.running.pop(trial.trial_id, None)
+            if tracker is not None and trial.trial_id not in self.failed:
+                tracker.finish(self._run(trial_of(trial)), "FINISHED")
+            self._progress(force=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            log.warning("retrying  %s after: %s", trial_of(trial).label, _first_line(trial.error_file))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            cause = _first_line(trial.error_file)
+            fatal.append((self.running.pop(trial.trial_id, phase), trial_of(trial).label, cause))
+            if tracker is not None:
+                tracker.finish(self._run(trial_of(trial)), "FAILED", cause)
+
+        def on_experiment_end(self, trials, **info):
+            if tracker is None:
+                return
+            for trial in trials:                  # interrupted: not finished, not failed
+                if trial.status not in ("TERMINATED", "ERROR") and trial.config["trial"]:
+                    key = trial_of(trial).keys["evaluation"]
+                    if key in self.runs:
+                        tracker.finish(self.runs[key], "KILLED")
+
+        def on_step_begin(self, iteration, trials, **info):
+            self._progress()
+
+        def _progress(self, force=False):
+            now = time.time()
+            if not force and now - self.last < 30:
+                return
+            self.last = now
+            total, elapsed = len(by_key), now - self.t0
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = _fmt((total - self.done) / rate) if rate > 0 else "?"
+            stages = {}
+            for s in self.running.values():
+                stages[s] = stages.get(s, 0) + 1
+            running = ", ".join(f"{s} ×{n}" for s, n in stages.items()) or "–"
+            log.info("[%s phase] %d/%d done | running: %s | %.2f/min, ETA %s | %s elapsed", phase, self.done, total,
+                     running, 60 * rate, eta, _fmt(elapsed))
+
+    class StopOnFatal(Stopper):
+        """Tune stopper: a failure a retry cannot fix stops the whole phase at once."""
+        def __call__(self, trial_id, result):
+            return result.get("event") == "fatal"
+
+        def stop_all(self):
+            return bool(fatal)
+
+    return Events(), StopOnFatal()
+
+
+def evaluation_metrics_of(result: dict) -> dict:
+    skip = {"event", "stage", "step"}
+    return {k: v for k, v in result.items() if k not in skip and isinstance(v, (int, float))
+            and not isinstance(v, bool) and (k.startswith(("score_w", "return_w")) or k in _METRIC_NAMES)}
+
+
+_METRIC_NAMES = {"dataset_score", "eval_seconds", "eval_env_steps_per_s", "q_loss", "target_mean", "energy_loss",
+                 "q_mean", "q_std"}
+
+
+def _first_line(error_file) -> str:
+    try:
+        lines = [l for l in Path(error_file).read_text().splitlines() if l.strip()]
+        return lines[-1].strip()[:500] if lines else "unknown error"
+    except (OSError, TypeError):
+        return "unknown error"
+
+
+# ---------------------------------------------------------------- the driver
+def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False) -> dict:
+    """Run (or resume) a study; returns the paths of its outputs and the counts of stage executions."""
+    import ray
+    from ray import tune
+    from ..data.datasets import ensure_datasets
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if not verbose:                                  # Tune's experiment boxes and tables
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    study = dataclasses.replace(study, store=store_path(study),
+                                data_root=str(Path(study.data_root).resolve()) if study.data_root else None)
+    all_trials = trials(study)                       # validates tasks and the grid before anything starts
+    out = Path(out or Path("results") / study.name)
+    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+    check_resources(study, ray.cluster_resources(), ray.nodes())
+    ensure_datasets(study.tasks, study.data_root, study.dataset_rows, study.policy_dir)
+    store = ArtifactStore(study.store)
+    run_id = uuid.uuid4().hex                        # tags this invocation's stage executions
+    tracker = MLflowTracker(study.mlflow_uri, study.name)
+    log.info("study %s: %d trials | store %s | MLflow %s", study.name, len(all_trials), study.store, study.mlflow_uri)
+    t0 = time.perf_counter()
+    for phase, fn, stage, done_file in PHASES:
+        units = list({t.keys[stage]: t for t in all_trials}.values())
+        todo = [t for t in units if not store.exists(t.keys[stage], done_file)]
+        log.info("[%s phase] %d to run, %d stored", phase, len(todo), len(units) - len(todo))
+        if not todo:
+            continue
+        fatal: list = []
+        events, stopper = callbacks(phase, todo, study, fatal, tracker if phase == "policy" else None)
+        digest = hashlib.sha256(json.dumps([t.keys[stage] for t in todo]).encode()).hexdigest()[:8]
+        eval_actors = study.eval_actors if phase == "policy" else 0
+        tune.Tuner(
+            tune.with_resources(tune.with_parameters(fn, study=study, run_id=run_id),
+                                tune.PlacementGroupFactory(trial_resources(study, eval_actors))),
+            param_space={"trial": tune.grid_search([t.hyper for t in todo])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent),
+            run_config=tune.RunConfig(name=f"{study.name}-{phase}-{digest}", storage_path=study.store + "/_tune",
+                                      callbacks=[events], stop=stopper, verbose=1 if verbose else 0,
+                                      failure_config=tune.FailureConfig(max_failures=study.max_failures))).fit()
+        if fatal:
+            stage_name, label, cause = fatal[0]
+            raise StudyFailed(f"study failed: {stage_name} stage of trial {label}: {cause}")
+        check_complete(store, phase, [t.keys[stage] for t in todo], done_file)
+    df = write_table(store, study.name, all_trials, out / "results.parquet")
+    mine = [e for e in store.executions() if e.get("run") == run_id]
+    summary = {"study": study.name, "trials": len(all_trials), "results_table": str(out / "results.parquet"),
+               "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
+               "executions": {s: n for s in ("behavior", "support", "q", "energy", "evaluation")
+                              if (n := sum(e["stage"] == s for e in mine))},
+               "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds(store, all_trials)}
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def check_complete(store: ArtifactStore, phase: str, keys: list[str], done_file: str):
+    """Tune returns normally when interrupted (Ctrl-C, SIGTERM): stop here rather than start the next
+    phase on missing artifacts. Everything finished so far is in the store; rerunning resumes."""
+    keys = list(dict.fromkeys(keys))
+    missing = [k for k in keys if not store.exists(k, done_file)]
+    if missing:
+        raise StudyInterrupted(f"study interrupted in the {phase} phase: {len(missing)} of {len(keys)} unit(s) "
+                               f"not finished (first: {missing[0]}); run the same command again to resume")
+
+
+def stage_seconds(store: ArtifactStore, ts: list[Trial]) -> dict[str, dict[str, float]]:
+    """Per stage, over this study's artifacts (whichever invocation computed them): count, mean and total
+    seconds of compute (a stage resumed from a checkpoint counts the resumed part only)."""
+    mine = {k for t in ts for k in t.keys.values()}
+    per: dict[str, list[float]] = {}
+    for e in store.executions():
+        if e.get("key") in mine and "seconds" in e:
+            per.setdefault(e["stage"], []).append(float(e["seconds"]))
+    return {st: {"n": len(v), "mean": sum(v) / len(v), "total": sum(v)} for st, v in per.items()}

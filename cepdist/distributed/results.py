@@ -1,0 +1,42 @@
+"""The study's one results table: tidy Parquet, written from the stored evaluations.
+
+One row per (task, seed, hyperparameters, method, guidance scale, evaluation step, episode set): the
+normalised score (mean over the episodes, ×100), its standard error, the mean raw return, the episode
+count, the dataset's own score and the stage diagnostics at that step. The guidance scale is a column.
+MLflow receives the same numbers for browsing; the report reads only this table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .store import ArtifactStore
+from .study import Trial
+
+DIAGNOSTICS = ("q_loss", "target_mean", "energy_loss", "q_mean", "q_std")
+COLUMNS = ["study", "algorithm", "task", "seed", "beta", "K", "steps", "method", "scale", "step", "episode_set",
+           "score", "score_se", "return", "episodes", "dataset_score", *DIAGNOSTICS, "evaluation_key"]
+
+
+def trial_rows(study: str, trial: Trial, history: list[dict]) -> list[dict]:
+    rows = []
+    for h in history:
+        for w, sc, ret in zip(trial.scales, h["scores"], h["returns"]):
+            sc, ret = np.asarray(sc, dtype=float), np.asarray(ret, dtype=float)
+            n = int(np.sum(~np.isnan(sc)))
+            rows.append({"study": study, "algorithm": "qgpo", **trial.hyper, "scale": float(w), "step": h["step"],
+                         "episode_set": "eval", "score": float(np.nanmean(sc)),
+                         "score_se": float(np.nanstd(sc) / np.sqrt(max(n, 1))), "return": float(np.nanmean(ret)),
+                         "episodes": n, "dataset_score": h["dataset_score"],
+                         **{d: h["diagnostics"].get(d, np.nan) for d in DIAGNOSTICS},
+                         "evaluation_key": trial.keys["evaluation"]})
+    return rows
+
+
+def write_table(store: ArtifactStore, study: str, trials: list[Trial], path: Path) -> pd.DataFrame:
+    rows = [r for t in trials for r in trial_rows(study, t, store.get_json(t.keys["evaluation"])["history"])]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(path, index=False)
+    return df

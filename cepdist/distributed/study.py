@@ -1,0 +1,195 @@
+"""What a study is: its typed config, its trials and the stage keys they share, its plan.
+
+A study is a grid over tasks × seeds × β × K × solver steps × guidance method; each trial evaluates all
+guidance scales together. Stages depend on subsets of a trial's config, and each stage's artifact is
+stored once under a key derived from exactly what it depends on (settings that change no result, such as
+log intervals, are left out):
+
+    behavior    ← dataset, seed, behaviour config (with its noise schedule)
+    support     ← behavior key, K, solver
+    q           ← support key, Q config (with the reward rule)
+    energy      ← q key, energy config (method, β, ...), snapshot interval     (none for dps)
+    evaluation  ← energy key (dps: q key and β), guidance scales, sampler, episodes
+
+Nothing here starts Ray: `plan` lists the trials, keys and what is stored already."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..algos.qgpo.config import NOT_IN_KEY, QGPOConfig
+from ..config import from_dict, merge, replace, to_dict
+from ..data.tasks import get_task
+from .store import ArtifactStore, stage_key
+from .tracking import DEFAULT_URI
+
+log = logging.getLogger("cepdist")
+
+STAGES = ("behavior", "support", "q", "energy", "evaluation")
+HYPER = ("task", "seed", "beta", "K", "steps", "method")      # what the search space holds per trial
+
+
+@dataclass
+class StudyConfig:
+    name: str = "cepdist"
+    tasks: tuple[str, ...] = ("hopper-medium-local",)
+    seeds: tuple[int, ...] = (0,)
+    # grid axes; None → the base config's value (K: base.support.K, and None there → the task's default)
+    betas: tuple[float, ...] | None = None
+    Ks: tuple[int, ...] | None = None
+    solver_steps: tuple[int, ...] | None = None    # support and evaluation solver steps together
+    methods: tuple[str, ...] | None = None
+    scales: tuple[float, ...] | None = None        # None → the task's guidance-scale list
+    mode: str = "grid"                             # grid | sensitivity (one hyperparameter at a time)
+    base: QGPOConfig = field(default_factory=lambda: QGPOConfig(
+        support=dataclasses.replace(QGPOConfig().support, K=None), q=dataclasses.replace(QGPOConfig().q, reward=None)))
+    eval_episodes: int = 10
+    eval_every: int = 0                            # energy steps between evaluations (0: only at the end)
+    eval_max_steps: int | None = None              # None → the task's episode length
+    eval_actors: int = 2                           # 0: evaluate inside the trial process (one machine)
+    train_workers: int = 0                         # 0: train inside the trial; ≥ 1: Ray Train workers
+    train_worker_cpus: float = 1.0                 # CPUs reserved per Ray Train worker
+    use_gpu: bool = False
+    trial_cpus: float = 1.0
+    dataset_rows: int | None = None                # rows to generate for missing *-local datasets (None → 1M)
+    data_root: str | None = None                   # dataset cache (None → D4RL_DATASET_DIR / ~/.d4rl/datasets)
+    policy_dir: str | None = None                  # agents for generating *-local datasets
+    store: str = "runs/store"                      # artifact store: a directory or s3://, gs://
+    mlflow_uri: str = DEFAULT_URI
+    max_failures: int = 2                          # retries of a trial after node loss or a worker crash
+    max_concurrent: int | None = None              # None → as many as resources allow
+
+    def axes(self) -> dict[str, tuple]:
+        b = self.base
+        return {"beta": self.betas or (b.energy.beta,), "K": self.Ks or (b.support.K,),
+                "steps": self.solver_steps or (b.sampler.steps,), "method": self.methods or (b.energy.method,)}
+
+
+def load_study(preset: StudyConfig, *layers: dict[str, Any] | None) -> StudyConfig:
+    """preset + YAML + flags, merged deeply in that order (a partial section changes only its keys)."""
+    d = to_dict(preset)
+    for layer in layers:
+        if layer is not None and not isinstance(layer, dict):
+            raise ValueError(f"a study config must be a mapping of StudyConfig fields, got {type(layer).__name__}")
+        d = merge(d, layer)
+    return from_dict(StudyConfig, d)
+
+
+# ---------------------------------------------------------------- trials and their keys
+@dataclass(frozen=True)
+class Trial:
+    task: str
+    seed: int
+    beta: float
+    K: int
+    steps: int
+    method: str
+    scales: tuple[float, ...]
+    max_steps: int                   # evaluation episode cap
+    eval_steps: tuple[int, ...]      # training steps of the policy's last stage evaluated (energy; q for dps)
+    config: QGPOConfig
+    keys: dict[str, str]             # stage → key (no "energy" for dps)
+
+    @property
+    def hyper(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in HYPER}
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} s{self.seed} β{self.beta:g} K{self.K} n{self.steps} {self.method}"
+
+
+def _key_cfg(cfg) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY}
+
+
+def make_trial(study: StudyConfig, hyper: dict[str, Any]) -> Trial:
+    """The typed trial of one point of the grid, with its resolved config and stage keys."""
+    task = get_task(hyper["task"])
+    seed, K = int(hyper["seed"]), hyper["K"] or task.K
+    b = study.base
+    cfg = replace(b, **{"seed": seed, "support.K": K, "support.solver.steps": hyper["steps"],
+                        "sampler.steps": hyper["steps"], "energy.beta": float(hyper["beta"]),
+                        "energy.method": hyper["method"], "q.reward": b.q.reward or task.reward})
+    if study.eval_every:                       # a checkpoint (and snapshot) at every evaluation step
+        cfg = replace(cfg, **{"energy.ckpt_every": study.eval_every})
+    scales = tuple(float(w) for w in (study.scales or task.guidance_scales))
+    max_steps = study.eval_max_steps or task.episode_length
+    data_id = {"task": task.name, "rows": (study.dataset_rows or 1_000_000) if task.local else None}
+    keys = {"behavior": stage_key("behavior", {"data": data_id, "seed": seed, "cfg": _key_cfg(cfg.behavior)})}
+    keys["support"] = stage_key("support", {"behavior": keys["behavior"], "seed": seed, "cfg": _key_cfg(cfg.support)})
+    keys["q"] = stage_key("q", {"support": keys["support"], "seed": seed, "cfg": _key_cfg(cfg.q)})
+    if cfg.energy.method == "dps":
+        policy = {"q": keys["q"], "beta": cfg.energy.beta}
+    else:
+        keys["energy"] = stage_key("energy", {"q": keys["q"], "seed": seed, "cfg": _key_cfg(cfg.energy),
+                                              "snapshot_every": study.eval_every})
+        policy = {"energy": keys["energy"]}
+    keys["evaluation"] = stage_key("evaluation", {**policy, "method": cfg.energy.method, "scales": scales,
+                                                  "sampler": to_dict(cfg.sampler), "episodes": study.eval_episodes,
+                                                  "max_steps": max_steps, "eval_every": study.eval_every})
+    # evaluated at every eval_every steps of the policy's last stage (energy) and at its end; dps at Q's end
+    total = cfg.q.steps if cfg.energy.method == "dps" else cfg.energy.steps
+    every = study.eval_every if cfg.energy.method != "dps" else 0
+    eval_steps = tuple(range(every, total, every)) + (total,) if every else (total,)
+    return Trial(task.name, seed, cfg.energy.beta, K, hyper["steps"], cfg.energy.method, scales, max_steps,
+                 eval_steps, cfg, keys)
+
+
+def grid(study: StudyConfig) -> list[dict[str, Any]]:
+    """The search space: one dict of hyperparameters per trial, in a deterministic order."""
+    if study.mode not in ("grid", "sensitivity"):
+        raise ValueError(f"study mode must be 'grid' or 'sensitivity', got {study.mode!r}")
+    axes = study.axes()
+    if study.mode == "grid":
+        combos = [dict(zip(axes, c)) for c in itertools.product(*axes.values())]
+    else:                                      # defaults (first values), then one hyperparameter at a time
+        default = {k: v[0] for k, v in axes.items()}
+        combos = [default] + [{**default, k: v} for k, vals in axes.items() for v in vals[1:]]
+    out = []
+    for task, seed, c in itertools.product(study.tasks, study.seeds, combos):
+        out.append({"task": task, "seed": seed, **c, "K": c["K"] or get_task(task).K})
+    return out
+
+
+def trials(study: StudyConfig) -> list[Trial]:
+    return [make_trial(study, h) for h in grid(study)]
+
+
+# ---------------------------------------------------------------- the plan
+def store_path(study: StudyConfig) -> str:
+    return study.store if "://" in study.store else str(Path(study.store).resolve())
+
+
+def plan(study: StudyConfig) -> dict[str, Any]:
+    """The trial grid, every distinct stage key with the trials that share it and whether it is stored."""
+    ts = trials(study)
+    store = ArtifactStore(store_path(study))
+    stages: dict[str, dict] = {}
+    for t in ts:
+        for stage, key in t.keys.items():
+            name = "result.json" if stage == "evaluation" else "artifact.pt"
+            e = stages.setdefault(key, {"stage": stage, "key": key, "trials": 0, "stored": store.exists(key, name)})
+            e["trials"] += 1
+    counts = {s: sum(1 for e in stages.values() if e["stage"] == s) for s in STAGES}
+    stored = {s: sum(1 for e in stages.values() if e["stage"] == s and e["stored"]) for s in STAGES}
+    return {"study": study.name, "store": store.uri, "trials": [{**t.hyper, "keys": t.keys} for t in ts],
+            "stages": list(stages.values()), "counts": counts, "stored": stored}
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    lines = [f"study {p['study']}: {len(p['trials'])} trials; store {p['store']}", "",
+             "stage       distinct  stored  to run"]
+    for s in STAGES:
+        lines.append(f"{s:11s} {p['counts'][s]:8d} {p['stored'][s]:7d} {p['counts'][s] - p['stored'][s]:7d}")
+    lines += ["", f"{'task':32s} {'seed':>4s} {'β':>6s} {'K':>3s} {'steps':>5s} {'method':6s}  stage keys"]
+    stored = {e["key"]: e["stored"] for e in p["stages"]}
+    for t in p["trials"]:
+        keys = " ".join(f"{k}{'*' if stored[k] else ''}" for k in t["keys"].values())
+        lines.append(f"{t['task']:32s} {t['seed']:4d} {t['beta']:6g} {t['K']:3d} {t['steps']:5d} {t['method']:6s}  {keys}")
+    lines.append("\n(* stored already)")
+    return "\n".join(lines)

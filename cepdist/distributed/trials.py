@@ -1,0 +1,258 @@
+"""The Tune trainables of a study's three phases, and the stage runner they share.
+
+    behavior phase   one trial per behaviour key:  behavior
+    q phase          one trial per Q key:          support → q
+    policy phase     one trial per grid point:     energy (cep/mse) → evaluation
+
+Every stage goes through `run_stage`: reuse the stored artifact, or compute it (in this process, or on
+Ray Train workers with `train_workers ≥ 1`) with checkpoints in a work directory it resumes from, then store
+it and record the execution. The energy stage stores a snapshot at every evaluation step as it trains (from
+rank 0, straight into the store), so a retried or data-parallel stage keeps every snapshot it reached; the
+evaluation stage then evaluates each snapshot once, persisting each evaluation as it finishes.
+
+Trials talk to the driver through `tune.report` events (stage start/done, evaluation, fatal). A failure a
+retry cannot fix (bad config or data, a non-finite loss) is reported as `fatal` once and ends the trial;
+the driver then stops the study. Anything else (a lost node, a crashed worker) raises and Tune retries."""
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..algos import checkpoint
+from ..algos.qgpo.stages import (SINGLE, generate_support, load_behavior, load_q, load_support, train_behavior,
+                                 train_energy, train_q)
+from ..data import datasets
+from ..data.transitions import Transitions
+from .pool import EvalPool, policy_payload
+from .store import ArtifactStore
+from .study import StudyConfig, Trial, make_trial
+from .train import PERMANENT, run_data_parallel
+
+log = logging.getLogger("cepdist")
+
+
+# ---------------------------------------------------------------- data (cached per process)
+@functools.lru_cache(maxsize=2)
+def load_data(task_name: str, data_root: str | None) -> tuple[Transitions, float]:
+    """A task's transitions (raw rewards: Q's config holds the reward rule) and the dataset's own score."""
+    arr, task = datasets.load_arrays(task_name, root=Path(data_root) if data_root else None)
+    return datasets.to_transitions(arr, task.episode_length), datasets.dataset_score(arr, task)
+
+
+def fetch(store_uri: str, key: str, name: str = "artifact.pt") -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        return checkpoint.load(ArtifactStore(store_uri).get_file(key, Path(d) / "a.pt", name))
+
+
+# ---------------------------------------------------------------- one trial's context
+class Context:
+    def __init__(self, study: StudyConfig, trial: Trial, run_id: str):
+        self.study, self.trial, self.run_id = study, trial, run_id
+        self.store = ArtifactStore(study.store)
+        self.device = torch.device("cuda" if study.use_gpu and torch.cuda.is_available() else "cpu")
+        self.stage = "setup"
+
+    def event(self, **kw):
+        from ray import tune
+        tune.report({**kw, "stage": self.stage})
+
+    def data(self, device=None) -> Transitions:
+        return load_data(self.trial.task, self.study.data_root)[0].to(device or self.device)
+
+    def workdir(self, key: str) -> Path:
+        """Where an in-progress stage checkpoints: inside a local store (an interrupted stage resumes from
+        it), otherwise a temporary directory."""
+        if "://" not in self.store.uri:
+            d = Path(self.store.uri) / key / "work"
+        else:
+            d = Path(tempfile.mkdtemp(prefix=f"cepdist-{key}-"))
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+StageFn = Callable[..., None]        # stage(parallel, ckpt_path, callback, device)
+
+
+def run_stage(ctx: Context, stage: str, fn: StageFn, data_parallel: bool = True) -> None:
+    """Compute and store one stage's artifact unless it is stored already."""
+    ctx.stage = stage
+    key, study = ctx.trial.keys[stage], ctx.study
+    if ctx.store.exists(key):
+        return
+    ctx.event(event="start")
+    t0 = time.perf_counter()
+    wd = ctx.workdir(key)
+    if data_parallel and study.train_workers >= 1:
+        path = run_data_parallel(fn, workers=study.train_workers, ckpt_file=f"{stage}.pt", name=key,
+                                 storage_path=study.store.rstrip("/") + "/_ray_train", use_gpu=study.use_gpu,
+                                 cpus_per_worker=study.train_worker_cpus, max_failures=study.max_failures, out=wd)
+    else:
+        if study.train_workers == 0:
+            torch.set_num_threads(max(1, int(study.trial_cpus)))
+        path = wd / f"{stage}.pt"
+        fn(SINGLE, path, None, ctx.device)
+    ctx.store.put_file(key, path)
+    seconds = time.perf_counter() - t0
+    ctx.store.record_execution(key, {"stage": stage, "run": ctx.run_id, "trial": ctx.trial.label, "seconds": seconds})
+    ctx.event(event="done", seconds=seconds)
+
+
+def keep_metrics(store_uri: str, key: str, total: int, snapshot_every: int = 0):
+    """A stage callback (rank 0) that stores the logged metrics at the last step and, every
+    `snapshot_every` steps, a snapshot of the checkpoint with its metrics."""
+    def cb(stage, step, metrics, saved):
+        if saved is None:
+            return
+        store = ArtifactStore(store_uri)
+        if snapshot_every and step % snapshot_every == 0 and step != total:
+            store.put_file(key, saved, f"step-{step}.pt")
+            store.put_json(key, metrics, f"step-{step}.json")
+        elif step == total:
+            store.put_json(key, metrics, f"step-{step}.json")
+    return cb
+
+
+def _chain(*callbacks):
+    cbs = [c for c in callbacks if c is not None]
+    return lambda *a: [c(*a) for c in cbs] and None
+
+
+# ---------------------------------------------------------------- the stages as the trials run them
+def behavior_stage(ctx: Context):
+    cfg, uri, key = ctx.trial.config, ctx.study.store, ctx.trial.keys["behavior"]
+    data_of = functools.partial(load_data, ctx.trial.task, ctx.study.data_root)
+
+    def fn(parallel, ckpt_path, callback, device):
+        data = data_of()[0].to(device)
+        train_behavior(cfg.behavior, data.obs, data.actions, seed=cfg.seed, ckpt_path=ckpt_path,
+                       callback=callback, parallel=parallel)
+    run_stage(ctx, "behavior", fn)
+
+
+def support_stage(ctx: Context):
+    cfg, keys = ctx.trial.config, ctx.trial.keys
+    behavior = load_behavior(fetch(ctx.study.store, keys["behavior"])).to(ctx.device)
+
+    def fn(parallel, ckpt_path, callback, device):
+        generate_support(cfg.support, behavior, ctx.data(device), seed=cfg.seed, ckpt_path=ckpt_path)
+    run_stage(ctx, "support", fn, data_parallel=False)
+
+
+def q_stage(ctx: Context):
+    cfg, keys, uri = ctx.trial.config, ctx.trial.keys, ctx.study.store
+    data_of = functools.partial(load_data, ctx.trial.task, ctx.study.data_root)
+
+    def fn(parallel, ckpt_path, callback, device):
+        support = load_support(fetch(uri, keys["support"])).to(device)
+        keep = keep_metrics(uri, keys["q"], cfg.q.steps) if parallel.rank == 0 else None
+        train_q(cfg.q, data_of()[0].to(device), support, seed=cfg.seed, ckpt_path=ckpt_path,
+                callback=_chain(callback, keep), parallel=parallel)
+    run_stage(ctx, "q", fn)
+
+
+def energy_stage(ctx: Context):
+    cfg, keys, uri, every = ctx.trial.config, ctx.trial.keys, ctx.study.store, ctx.study.eval_every
+    data_of = functools.partial(load_data, ctx.trial.task, ctx.study.data_root)
+
+    def fn(parallel, ckpt_path, callback, device):
+        schedule = load_behavior(fetch(uri, keys["behavior"])).schedule
+        support = load_support(fetch(uri, keys["support"])).to(device)
+        keep = keep_metrics(uri, keys["energy"], cfg.energy.steps, every) if parallel.rank == 0 else None
+        train_energy(cfg.energy, load_q(fetch(uri, keys["q"])), support, data_of()[0].to(device), schedule,
+                     seed=cfg.seed, ckpt_path=ckpt_path, callback=_chain(callback, keep), parallel=parallel)
+    run_stage(ctx, "energy", fn)
+
+
+def evaluation_stage(ctx: Context):
+    """Evaluate the policy at each of the trial's evaluation steps that has no stored evaluation yet."""
+    ctx.stage = "evaluation"
+    t, store, uri = ctx.trial, ctx.store, ctx.study.store
+    key = t.keys["evaluation"]
+    if store.exists(key, "result.json"):
+        return
+    history: list[dict] = store.get_json(key, "history.json") if store.exists(key, "history.json") else []
+    todo = [s for s in t.eval_steps if s not in {h["step"] for h in history}]
+    if not todo:
+        _finish_evaluation(ctx, history)
+        return
+    ctx.event(event="start")
+    dataset_score = load_data(t.task, ctx.study.data_root)[1]
+    behavior = fetch(uri, t.keys["behavior"])
+    q_metrics = store.get_json(t.keys["q"], f"step-{t.config.q.steps}.json")
+    pool = EvalPool(ctx.study.eval_actors)
+    try:
+        for step in todo:
+            if t.method == "dps":
+                payload = policy_payload(behavior, t.method, t.config.sampler, q=fetch(uri, t.keys["q"]), beta=t.beta)
+                metrics = {}
+            else:
+                final = step == t.config.energy.steps
+                energy = fetch(uri, t.keys["energy"], "artifact.pt" if final else f"step-{step}.pt")
+                payload = policy_payload(behavior, t.method, t.config.sampler, energy=energy)
+                metrics = store.get_json(t.keys["energy"], f"step-{step}.json")
+            t0 = time.perf_counter()
+            res = pool.evaluate(payload, t.task, t.scales, ctx.study.eval_episodes, seed=10_000 + t.seed,
+                                max_steps=t.max_steps)
+            seconds = time.perf_counter() - t0
+            entry = {"step": step, "returns": res.returns.tolist(), "scores": res.normalized.tolist(),
+                     "lengths": res.lengths.tolist(), "dataset_score": dataset_score, "seconds": seconds,
+                     "env_steps_per_s": res.env_steps / max(seconds, 1e-9),
+                     "diagnostics": {**{k: v for k, v in q_metrics.items() if "/" not in k},
+                                     **{k: v for k, v in metrics.items() if "/" not in k}}}
+            history = sorted([h for h in history if h["step"] != step] + [entry], key=lambda h: h["step"])
+            store.put_json(key, history, "history.json")      # persisted as it happens
+            ctx.event(event="evaluation", **evaluation_metrics(t, entry))
+    finally:
+        pool.close()
+    _finish_evaluation(ctx, history)
+
+
+def _finish_evaluation(ctx: Context, history: list[dict]):
+    key = ctx.trial.keys["evaluation"]
+    ctx.store.put_json(key, {"trial": ctx.trial.hyper, "scales": list(ctx.trial.scales), "history": history})
+    seconds = sum(h["seconds"] for h in history)
+    ctx.store.record_execution(key, {"stage": "evaluation", "run": ctx.run_id, "trial": ctx.trial.label,
+                                     "seconds": seconds})
+    ctx.event(event="done", seconds=seconds)
+
+
+def evaluation_metrics(trial: Trial, entry: dict) -> dict:
+    """An evaluation as MLflow metrics: per-scale normalised score and raw return (for browsing; the
+    results table has the scale as a column), the dataset's score, the stage diagnostics."""
+    import numpy as np
+    out = {"step": entry["step"], "dataset_score": entry["dataset_score"], "eval_seconds": entry["seconds"],
+           "eval_env_steps_per_s": entry["env_steps_per_s"], **entry["diagnostics"]}
+    for w, sc, ret in zip(trial.scales, entry["scores"], entry["returns"]):
+        out[f"score_w{w:g}"] = float(np.nanmean(sc))
+        out[f"return_w{w:g}"] = float(np.nanmean(ret))
+    return out
+
+
+# ---------------------------------------------------------------- the Tune trainables
+def _run(config: dict, study: StudyConfig, run_id: str, stages):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    ctx = Context(study, make_trial(study, config["trial"]), run_id)
+    try:
+        for stage in stages:
+            stage(ctx)
+    except PERMANENT as e:                    # a retry cannot fix it: report once, end the trial
+        ctx.event(event="fatal", cause=f"{type(e).__name__}: {e}")
+
+
+def behavior_phase(config: dict, study: StudyConfig, run_id: str):
+    _run(config, study, run_id, (behavior_stage,))
+
+
+def q_phase(config: dict, study: StudyConfig, run_id: str):
+    _run(config, study, run_id, (support_stage, q_stage))
+
+
+def policy_phase(config: dict, study: StudyConfig, run_id: str):
+    _run(config, study, run_id, (evaluation_stage,) if config["trial"]["method"] == "dps"
+         else (energy_stage, evaluation_stage))
