@@ -23,16 +23,18 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_study(tmp: Path, name: str, seeds=(0, 1), betas=(3.0,), **over) -> StudyConfig:
+    """A study of seconds: hopper-random-local (3000 rows), tiny networks, evaluations every 20 energy steps."""
+    fields = dict(name=name, tasks=("hopper-random-local",), seeds=seeds, betas=betas, Ks=(4,), solver_steps=(3,),
+                  scales=(0.0, 2.0), dataset_rows=3000, eval_episodes=2, eval_max_steps=15, eval_every=20,
+                  eval_actors=1, trial_cpus=1, max_failures=3, store=str(tmp / "store"),
+                  mlflow_uri=f"sqlite:///{tmp}/mlflow.db", data_root=str(tmp / "data"))
     return StudyConfig(
-        name=name, tasks=("hopper-random-local",), seeds=seeds, betas=betas, Ks=(4,), solver_steps=(3,),
-        scales=(0.0, 2.0), dataset_rows=3000, eval_episodes=2, eval_max_steps=15, eval_every=20, eval_actors=1,
-        trial_cpus=1, max_failures=3, store=str(tmp / "store"), mlflow_uri=f"sqlite:///{tmp}/mlflow.db",
-        data_root=str(tmp / "data"),
+        **{**fields, **over},
         base=QGPOConfig(behavior=BehaviorConfig(widths=(16, 8, 4), steps=40, batch_size=64, log_every=20, ckpt_every=20),
                         support=SupportConfig(K=None, batch_states=4096, solver=SolverConfig(steps=3)),
                         q=QConfig(hidden=(16,), steps=30, batch_size=32, reward=None, log_every=10, ckpt_every=10),
                         energy=EnergyConfig(hidden=(16,), steps=40, batch_size=32, log_every=20, ckpt_every=20),
-                        sampler=SolverConfig(steps=3)), **over)
+                        sampler=SolverConfig(steps=3)))
 
 
 def check_complete(study: StudyConfig, summary: dict):

@@ -1,0 +1,78 @@
+"""Study definition without Ray: deep config merges, the grid, stage keys shared across trials, the plan."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cepdist.config import to_dict
+from cepdist.distributed.presets import preset
+from cepdist.distributed.study import StudyConfig, load_study, plan, trials
+
+
+def test_a_partial_yaml_section_keeps_every_other_preset_setting():
+    smoke = preset("smoke")
+    s = load_study(smoke, {"base": {"energy": {"beta": 10}}}, {"seeds": [3]})
+    assert s.base.energy.beta == 10.0 and isinstance(s.base.energy.beta, float)
+    assert s.seeds == (3,)
+    d, ref = to_dict(s), to_dict(smoke)
+    d["base"]["energy"]["beta"], d["seeds"] = ref["base"]["energy"]["beta"], ref["seeds"]
+    assert d == ref                                    # nothing else moved (e.g. energy.steps stays 300)
+    with pytest.raises(ValueError, match=r"base\.energy\.betta"):
+        load_study(smoke, {"base": {"energy": {"betta": 1}}})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        load_study(smoke, ["seeds"])
+
+
+def test_q_is_shared_across_beta_and_method_and_energy_is_per_trial():
+    s = load_study(preset("smoke"), {"betas": [1, 3], "Ks": [4, 8], "methods": ["cep", "mse"]})
+    ts = trials(s)
+    assert len(ts) == 2 * 2 * 2 * 2                     # seeds × β × K × method
+    per_seed = [t for t in ts if t.seed == 0]
+    assert len({t.keys["behavior"] for t in per_seed}) == 1
+    assert len({t.keys["support"] for t in per_seed}) == 2    # one per K
+    assert len({t.keys["q"] for t in per_seed}) == 2          # Q depends on neither β nor the method
+    assert len({t.keys["energy"] for t in per_seed}) == 8
+    # settings that change no result are not in the keys; the schedule is, and it reaches every stage
+    quiet = load_study(s, {"base": {"q": {"log_every": 7}, "energy": {"ckpt_every": 3}}})
+    assert [t.keys for t in trials(quiet)] == [t.keys for t in ts]
+    other = trials(load_study(s, {"base": {"behavior": {"schedule": {"beta_max": 10}}}}))
+    assert all(a.keys[k] != b.keys[k] for a, b in zip(ts, other) for k in a.keys)
+
+
+def test_grid_axes_default_to_the_base_config_and_task_defaults():
+    s = StudyConfig(tasks=("hopper-medium-local", "antmaze-umaze-v2"), seeds=(0,))
+    ts = trials(s)
+    assert [(t.task, t.K, t.config.q.reward, t.beta, t.method, t.steps) for t in ts] == [
+        ("hopper-medium-local", 16, "locomotion", 3.0, "cep", 15), ("antmaze-umaze-v2", 32, "antmaze", 3.0, "cep", 15)]
+    dps = trials(load_study(s, {"methods": ["dps"], "tasks": ["hopper-medium-local"]}))[0]
+    assert "energy" not in dps.keys and dps.eval_steps == (dps.config.q.steps,)
+    sens = trials(load_study(s, {"mode": "sensitivity", "tasks": ["hopper-medium-local"], "betas": [3, 1, 10],
+                                 "Ks": [8, 4]}))
+    assert [(t.beta, t.K) for t in sens] == [(3, 8), (1, 8), (10, 8), (3, 4)]
+
+
+def test_study_plan_lists_keys_and_stored_stages_without_ray(tmp_path):
+    code = ("import sys; from cepdist.cli import main; "
+            f"rc = main(['study', 'plan', '--preset', 'smoke', '--betas', '1', '3', '--store', r'{tmp_path}', '--json']); "
+            "assert 'ray' not in sys.modules, 'plan started Ray'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert p["counts"] == {"behavior": 2, "support": 2, "q": 2, "energy": 4, "evaluation": 4}
+    assert p["stored"] == dict.fromkeys(p["counts"], 0) and len(p["trials"]) == 4
+    assert p == plan(load_study(preset("smoke"), {"betas": [1, 3], "store": str(tmp_path)}))
+    table = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--preset", "smoke", "--store",
+                            str(tmp_path)], capture_output=True, text=True)
+    assert table.returncode == 0 and "energy" in table.stdout and "hopper-random-local" in table.stdout
+
+
+def test_bad_study_input_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {energy: {beta: [}\n")
+    r = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--config", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--tasks", "hopper-medum-v2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "did you mean hopper-medium-v2" in r.stderr
