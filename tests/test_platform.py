@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import yaml
@@ -79,6 +80,31 @@ def test_study_on_three_nodes(cluster, tmp_path):
     assert summary["executions"] == {"behavior": 3, "support": 3, "q": 3, "energy": 3, "evaluation": 3}
     used = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(used) == 3
+
+
+def test_a_non_default_noise_schedule_reaches_every_stage(cluster, tmp_path):
+    """behavior.schedule.beta_max = 10: the behaviour model trains, the support actions are sampled, the energy
+    model trains and the policy evaluates under that schedule (read back from the checkpoints), and the
+    results differ from the default schedule's."""
+    from cepdist.algos.qgpo.policy import load_policy
+    from cepdist.distributed.study import load_study
+    from cepdist.distributed.trials import fetch
+    default = tiny_study(tmp_path, "schedule-default", seeds=(0,))
+    other = load_study(default, {"name": "schedule-10", "base": {"behavior": {"schedule": {"beta_max": 10.0}}}})
+    res = {s.name: pd.read_parquet(run_study(s, tmp_path / s.name)["results_table"]) for s in (default, other)}
+    (t0,), (t1,) = trials(default), trials(other)
+    store = default.store
+    behavior = fetch(store, t1.keys["behavior"])
+    assert behavior["config"]["schedule"] == {"beta_min": 0.1, "beta_max": 10.0}
+    assert fetch(store, t1.keys["support"])["schedule"] == [0.1, 10.0]
+    assert fetch(store, t1.keys["energy"])["config"]["schedule"] == [0.1, 10.0]
+    policy = load_policy(behavior, "cep", energy=fetch(store, t1.keys["energy"]))
+    assert (policy.schedule.beta_min, policy.schedule.beta_max) == (0.1, 10.0)
+    assert fetch(store, t0.keys["support"])["schedule"] == [0.1, 20.0]
+    a0, a1 = (fetch(store, t.keys["support"])["actions"] for t in (t0, t1))
+    assert a0.shape == a1.shape and not np.allclose(a0.numpy(), a1.numpy())
+    r0, r1 = (res[s.name].sort_values(["step", "scale"])["return"].to_numpy() for s in (default, other))
+    assert not np.allclose(r0, r1)
 
 
 def test_study_survives_the_loss_of_a_node(cluster, tmp_path):

@@ -1,4 +1,5 @@
-"""An interrupted study, run again: finished stages are reused and the results are complete.
+"""Studies run through the command line, each on a fresh local Ray: an interrupted study run again (finished
+stages reused, results complete), and a failure a retry cannot fix (one line, no retry).
 (Its own module: it must not share a machine-wide Ray cluster with the multi-node tests.)"""
 import os
 import signal
@@ -52,3 +53,21 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path):
     for e in store.executions():
         total[e["key"]] = total.get(e["key"], 0) + 1
     assert all(n == 1 for k, n in total.items() if not k.startswith("evaluation-")), total
+
+
+def test_a_deterministic_failure_stops_the_study_at_the_first_attempt_with_one_line(tmp_path):
+    """A non-finite loss (behaviour lr 1000 in a partial YAML) is not retried: rc 1, one line naming the
+    stage, the trial and the cause, no traceback; nothing is stored for that stage."""
+    study = tiny_study(tmp_path, "fatal", seeds=(0,))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({**to_dict(study), "base": {"behavior": {"lr": 1000}}}))
+    r = subprocess.run([sys.executable, "-m", "cepdist", "study", "run", "--config", str(tmp_path / "study.yaml"),
+                        "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "RAY_ADDRESS": "local"}, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("cepdist: study failed: behavior stage of trial hopper-random-local s0") and \
+        "NonFiniteLossError: behavior: non-finite loss" in last, out
+    assert "Traceback" not in out and "retrying" not in out, out
+    assert len(out.splitlines()) < 15, out
+    assert ArtifactStore(study.store).executions() == []
