@@ -1,8 +1,9 @@
 """Hot paths of the QGPO core at HalfCheetah sizes (s_dim 17, a_dim 6) and the reference network widths.
 
 Prints a table and writes JSON (default benchmarks/results/core.json):
-behaviour-model training steps/s at batch 4096 and 256 (fp32 and bf16 autocast), critic iterations/s
-(one Q update + one CEP update, batch 256 × M = 16), guided sampling actions/s at state batches 1, 10, 100,
+behaviour-model training steps/s at batch 4096 and 256 (fp32 and bf16 autocast), Q-stage and
+energy-stage iterations/s (batch 256 × K = 16) and their combination as the reference's critic iteration
+(one Q update + one CEP update), guided sampling actions/s at state batches 1, 10, 100,
 1000 (15 steps, 2nd-order DPM-Solver++, w = 1), and support-action generation samples/s (w = 0).
 Stage rates are the difference of two runs of different lengths, so set-up time is excluded.
 
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from cepdist.config import BehaviorConfig, CriticConfig, SupportConfig
-from cepdist.data import Transitions
-from cepdist.qgpo import (GuidedPolicy, SupportSet, build_critic, generate_support, state_table, train_behavior,
-                          train_critic)
+from cepdist.algos.qgpo.config import BehaviorConfig, EnergyConfig, QConfig, SupportConfig
+from cepdist.algos.qgpo.policy import GuidedPolicy
+from cepdist.algos.qgpo.stages import (SupportSet, build_energy, build_q, generate_support, state_table,
+                                       train_behavior, train_energy, train_q)
+from cepdist.data.transitions import Transitions
 
 S_DIM, A_DIM = 17, 6
 REFERENCE = {"behavior_4096": 2.0, "behavior_256": 24.6, "critic": 9.9, "sample_1": 25.5, "sample_10": 227,
@@ -78,14 +80,19 @@ def main():
     M = 16
     support = SupportSet(torch.randn(len(data), M, A_DIM, device=device), torch.arange(len(data), device=device),
                          torch.arange(len(data), device=device))
-    ccfg = lambda k: CriticConfig(steps=k, q_fraction=1.0, log_every=10**9, ckpt_every=10**9)
-    res["critic"] = rate_of(lambda k: train_critic(ccfg(k), data, support), 5, 5 + 40 * q, device)
-    print(f"{'critic':24s} {res['critic']:10.2f} it/s (Q + CEP update, 256 × 16)")
-
     behavior = train_behavior(BehaviorConfig(steps=0), data.obs, data.actions).to(device)
-    critic = build_critic(CriticConfig(), S_DIM, A_DIM)
-    critic.q_target.to(device); critic.energy.to(device)
-    policy = GuidedPolicy(behavior, critic, "cep")
+    quiet = dict(log_every=10**9, ckpt_every=10**9)
+    res["q"] = rate_of(lambda k: train_q(QConfig(steps=k, reward="none", **quiet), data, support), 5, 5 + 40 * q,
+                       device)
+    print(f"{'q':24s} {res['q']:10.2f} it/s (in-support Q update, 256 × 16)")
+    q_target = build_q(QConfig(), S_DIM, A_DIM)[1]
+    res["energy"] = rate_of(lambda k: train_energy(EnergyConfig(steps=k, **quiet), q_target, support, data,
+                                                   behavior.schedule), 5, 5 + 40 * q, device)
+    print(f"{'energy':24s} {res['energy']:10.2f} it/s (CEP update on the frozen Q̄, 256 × 16)")
+    res["critic"] = 1 / (1 / res["q"] + 1 / res["energy"])
+    print(f"{'critic':24s} {res['critic']:10.2f} it/s (one Q + one CEP update, the reference's iteration)")
+
+    policy = GuidedPolicy(behavior, energy=build_energy(EnergyConfig(), S_DIM, A_DIM).to(device))
     for b in (1, 10, 100, 1000):
         states = data.obs[:b]
         policy(states, w=1.0)                                  # warm-up
@@ -93,7 +100,7 @@ def main():
         res[f"sample_{b}"] = b * reps / timed(lambda: [policy(states, w=1.0) for _ in range(reps)], device)
         print(f"{'sample_' + str(b):24s} {res[f'sample_' + str(b)]:10.1f} actions/s (15 steps, w=1)")
 
-    scfg = SupportConfig(M=M, batch_states=256)
+    scfg = SupportConfig(K=M, batch_states=256)
     # consecutive transitions (s'_i = s_{i+1}): n transitions have n + 1 distinct states to sample at
     sub = lambda n: Transitions(data.obs[:n], data.actions[:n], data.rewards[:n], data.obs[1:n + 1],
                                 data.terminals[:n], data.ends[:n])

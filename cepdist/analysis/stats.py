@@ -5,6 +5,7 @@ tasks and never beside locally generated ones. Every bootstrap takes a seed."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -44,7 +45,6 @@ def domain(task: str) -> str:
 def load_results(path) -> pd.DataFrame:
     """A study's results table (results.parquet, written by the study): one row per task, seed,
     hyperparameters, method, guidance scale, evaluation step and episode set."""
-    from pathlib import Path
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no results table at {path}; run the study first (`cepdist study run`)")

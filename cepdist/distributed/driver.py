@@ -18,9 +18,14 @@ import time
 import uuid
 from pathlib import Path
 
+import ray
+from ray import tune
+from ray.tune import Callback, Stopper
+
+from ..data.datasets import ensure_datasets
 from .results import write_table
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, store_path, trials
+from .study import StudyConfig, Trial, make_trial, store_path, trials
 from .tracking import MLflowTracker
 from .trials import behavior_phase, policy_phase, q_phase
 
@@ -80,11 +85,9 @@ def _fmt(sec: float) -> str:
 
 def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, tracker: MLflowTracker | None):
     """Progress lines, fatal-failure capture and (policy phase) one MLflow run per trial."""
-    from ray.tune import Callback, Stopper
     by_key = {t.keys["evaluation" if phase == "policy" else phase]: t for t in units}
 
     def trial_of(trial) -> Trial:
-        from .study import make_trial
         return make_trial(study, trial.config["trial"])
 
     class Events(Callback):
@@ -204,9 +207,6 @@ def _first_line(error_file) -> str:
 # ---------------------------------------------------------------- the driver
 def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False) -> dict:
     """Run (or resume) a study; returns the paths of its outputs and the counts of stage executions."""
-    import ray
-    from ray import tune
-    from ..data.datasets import ensure_datasets
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not verbose:                                  # Tune's experiment boxes and tables

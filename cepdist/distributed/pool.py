@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import ray
+import torch
 
 from ..algos.qgpo.config import SolverConfig
 from ..algos.qgpo.policy import load_policy
@@ -17,7 +18,6 @@ from ..envs.evaluation import EvalResult, all_pairs, evaluate
 @ray.remote
 class EvalActor:
     def __init__(self, threads: int = 1):
-        import torch
         torch.set_num_threads(threads)
 
     def run(self, payload: dict, task_name: str, scales, episodes, seed, pairs, max_steps=None):

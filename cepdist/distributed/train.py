@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..algos.loop import NonFiniteLossError
+from ..algos.qgpo.stages import Parallel
 
 log = logging.getLogger("cepdist")
 
@@ -38,7 +39,6 @@ def run_data_parallel(stage: StageFn, *, workers: int, ckpt_file: str, name: str
     def loop(config):
         import torch
         from ray.train.torch import get_device, prepare_model
-        from cepdist.algos.qgpo.stages import Parallel
         torch.set_num_threads(max(1, int(cpus_per_worker)))
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()

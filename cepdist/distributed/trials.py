@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from ray import tune
 
 from ..algos import checkpoint
 from ..algos.qgpo.stages import (SINGLE, generate_support, load_behavior, load_q, load_support, train_behavior,
@@ -59,7 +61,6 @@ class Context:
         self.stage = "setup"
 
     def event(self, **kw):
-        from ray import tune
         tune.report({**kw, "stage": self.stage})
 
     def data(self, device=None) -> Transitions:
@@ -225,7 +226,6 @@ def _finish_evaluation(ctx: Context, history: list[dict]):
 def evaluation_metrics(trial: Trial, entry: dict) -> dict:
     """An evaluation as MLflow metrics: per-scale normalised score and raw return (for browsing; the
     results table has the scale as a column), the dataset's score, the stage diagnostics."""
-    import numpy as np
     out = {"step": entry["step"], "dataset_score": entry["dataset_score"], "eval_seconds": entry["seconds"],
            "eval_env_steps_per_s": entry["env_steps_per_s"], **entry["diagnostics"]}
     for w, sc, ret in zip(trial.scales, entry["scores"], entry["returns"]):
