@@ -8,8 +8,7 @@ from cepdist.algos.loop import NonFiniteLossError
 from cepdist.algos.qgpo.config import (BehaviorConfig, EnergyConfig, QConfig, QGPOConfig, ScheduleConfig,
                                        SupportConfig)
 from cepdist.algos.qgpo.policy import GuidedPolicy, load_policy, run_qgpo
-from cepdist.algos.qgpo.stages import (generate_support, load_behavior, load_energy, state_table, train_behavior,
-                                       train_energy, train_q)
+from cepdist.algos.qgpo.stages import generate_support, load_energy, state_table, train_behavior, train_q
 from cepdist.config import dump_yaml, from_dict, load_yaml, merge, replace, to_dict
 from cepdist.data.transitions import Transitions, episode_returns, preprocess_rewards
 from helpers import bandit_dataset

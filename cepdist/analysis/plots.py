@@ -123,7 +123,7 @@ def q_statistics(diag: pd.DataFrame, out: Path) -> list[Path]:
             if len(mm):
                 ax.plot(mm.index, mm.values, "o-", color=c, label=name.replace("_", " "))
         K = g["K"].iloc[0]
-        ax.axhline(np.log(K), color="C2", ls=":", lw=1, label=f"log K (uniform CEP)")
+        ax.axhline(np.log(K), color="C2", ls=":", lw=1, label="log K (uniform CEP)")
         ax.set_xlabel("training step (energy; dps: Q)"); ax.set_yscale("log"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
     axes[0, 0].set_ylabel("Q (preprocessed reward units)")
     axes[1, 0].set_ylabel("training loss (last log interval)")

@@ -22,7 +22,7 @@ import ray
 from ray import tune
 from ray.tune import Callback, Stopper
 
-from ..data.datasets import ensure_datasets
+from ..envs.generate import ensure_datasets
 from .results import write_table
 from .store import ArtifactStore
 from .study import StudyConfig, Trial, make_trial, store_path, trials
@@ -116,6 +116,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             if ev == "start":
                 self.running[trial.trial_id] = stage
             elif ev == "done":
+                self.running.pop(trial.trial_id, None)
                 log.info("%-10s done  %s (%s)", stage, t.label, _fmt(result.get("seconds", 0)))
             elif ev == "evaluation":
                 scores = ", ".join(f"w={w:g} {result[f'score_w{w:g}']:.1f}" for w in t.scales)

@@ -126,7 +126,7 @@ def _chain(*callbacks):
 
 # ---------------------------------------------------------------- the stages as the trials run them
 def behavior_stage(ctx: Context):
-    cfg, uri, key = ctx.trial.config, ctx.study.store, ctx.trial.keys["behavior"]
+    cfg = ctx.trial.config
     data_of = functools.partial(load_data, ctx.trial.task, ctx.study.data_root)
 
     def fn(parallel, ckpt_path, callback, device):

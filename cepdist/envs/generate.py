@@ -1,0 +1,227 @@
+"""D4RL-layout offline datasets generated locally from rollouts of real agents in gymnasium MuJoCo.
+
+Behaviour policies: uniform random actions, or a Stable-Baselines3 agent file (SAC, TQC, PPO, A2C, ARS,
+TRPO), with the agent's `vecnormalize.pkl` observation statistics where it has them, and optional Gaussian
+action noise. Levels are composed the way D4RL composed its own: random, medium (an agent at roughly a
+third to a half of expert return), expert, medium-expert (medium + expert concatenated) and a replay-like
+level (a mix of weaker agents and noise). The tasks are registered as `<env>-<level>-local`: comparable in
+kind to D4RL, never mistaken for it."""
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..data.datasets import DatasetError, local_path, read_hdf5
+from ..data.tasks import Task, get_task
+from .environments import make_env, model_file
+
+log = logging.getLogger("cepdist")
+ALGOS = {"sac": ("stable_baselines3", "SAC"), "tqc": ("sb3_contrib", "TQC"), "ppo": ("stable_baselines3", "PPO"),
+         "a2c": ("stable_baselines3", "A2C"), "ars": ("sb3_contrib", "ARS"), "trpo": ("sb3_contrib", "TRPO")}
+ZOO_ENV = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One behaviour policy: 'random' or an agent algorithm, with action-noise std, for a share of rows."""
+    policy: str
+    noise: float = 0.0
+    share: float = 1.0
+
+
+# level → sources per environment (agents chosen by their measured scores; see the policies' README)
+MEDIUM = {"halfcheetah": Source("ars"), "hopper": Source("sac"), "walker2d": Source("sac", noise=0.5)}
+EXPERT = Source("tqc")
+
+
+def level_sources(env: str, level: str) -> list[list[Source]]:
+    """Parts concatenated in order; each part is a list of sources mixed by share."""
+    if level == "random":
+        return [[Source("random")]]
+    if level == "medium":
+        return [[MEDIUM[env]]]
+    if level == "expert":
+        return [[EXPERT]]
+    if level == "medium-expert":
+        return [[MEDIUM[env]], [EXPERT]]
+    if level == "medium-replay":
+        return [[Source("random", share=0.2), Source("a2c", 0.3, 0.3), Source(MEDIUM[env].policy, 0.6, 0.5)]]
+    raise ValueError(f"unknown level {level!r}; expected random, medium, expert, medium-expert, medium-replay")
+
+
+def policy_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The agents' folder: an explicit path, else $CEPDIST_POLICY_DIR. Never assumed to exist."""
+    p = explicit or os.environ.get("CEPDIST_POLICY_DIR")
+    if not p:
+        raise ValueError("no policy directory: pass --policy-dir or set CEPDIST_POLICY_DIR to a folder laid out "
+                         "as <algo>/<Env>-v3_1/<Env>-v3.zip (the RL Zoo layout)")
+    p = Path(p).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"policy directory {p} does not exist")
+    return p
+
+
+class _GymToGymnasium(pickle.Unpickler):
+    """vecnormalize.pkl files were pickled under `gym`; map those modules to `gymnasium`."""
+
+    def find_class(self, module, name):
+        if module == "gym" or module.startswith("gym."):
+            module = "gymnasium" + module[3:]
+        return super().find_class(module, name)
+
+
+class AgentPolicy:
+    """A deterministic SB3 agent (+ observation normalisation), with optional Gaussian action noise."""
+
+    def __init__(self, algo: str, env: str, root: Path, action_space, observation_space):
+        if algo not in ALGOS:
+            raise ValueError(f"unknown agent algorithm {algo!r}; expected one of {', '.join(ALGOS)}")
+        zoo = ZOO_ENV[env]
+        folder = root / algo / f"{zoo}-v3_1"
+        archive = folder / f"{zoo}-v3.zip"
+        if not archive.is_file():
+            raise ValueError(f"agent file not found: {archive}")
+        mod, cls = ALGOS[algo]
+        model_cls = getattr(importlib.import_module(mod), cls)
+        self.model = model_cls.load(archive, device="cpu", custom_objects={
+            "observation_space": observation_space, "action_space": action_space, "learning_rate": 0.0,
+            "lr_schedule": lambda _: 0.0, "delta_std_schedule": lambda _: 0.0, "replay_buffer_class": None})
+        self.norm = None
+        vn = folder / f"{zoo}-v3" / "vecnormalize.pkl"
+        if vn.is_file():
+            with open(vn, "rb") as f:
+                v = _GymToGymnasium(io.BytesIO(f.read())).load()
+            self.norm = (v.obs_rms.mean, np.sqrt(v.obs_rms.var + v.epsilon), v.clip_obs)
+        self.name = f"{algo}:{archive}"
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if self.norm is not None:
+            mean, std, clip = self.norm
+            obs = np.clip((obs - mean) / std, -clip, clip)
+        a, _ = self.model.predict(obs.astype(np.float32), deterministic=True)
+        return a
+
+
+def rollouts(task: Task, source: Source, n_rows: int, seed: int, root: Path | None, n_envs: int = 8,
+             progress=None) -> dict[str, np.ndarray]:
+    """Complete episodes (the last one cut at n_rows) of one behaviour policy, in D4RL's row layout."""
+    envs = [make_env(task) for _ in range(n_envs)]
+    space = envs[0].action_space
+    rng = np.random.default_rng(seed)
+    policy = None if source.policy == "random" else AgentPolicy(
+        source.policy, task.name.split("-")[0], policy_dir(root), space, envs[0].observation_space)
+    obs = np.stack([e.reset(seed=seed * 10_000 + i)[0] for i, e in enumerate(envs)])
+    bufs = [[] for _ in envs]
+    out: list[tuple] = []
+    rows = 0
+    while rows < n_rows:
+        if policy is None:
+            act = rng.uniform(space.low, space.high, size=(n_envs, space.shape[0]))
+        else:
+            act = policy(obs)
+            if source.noise > 0:
+                act = act + source.noise * rng.standard_normal(act.shape)
+        act = np.clip(act, space.low, space.high)
+        for i, e in enumerate(envs):
+            qpos, qvel = e.unwrapped.data.qpos.copy(), e.unwrapped.data.qvel.copy()
+            o2, r, term, trunc, _ = e.step(act[i])
+            bufs[i].append((obs[i].copy(), act[i], r, term, trunc, o2, qpos, qvel))
+            if term or trunc:
+                out.append(bufs[i]); rows += len(bufs[i]); bufs[i] = []
+                if progress:
+                    progress(min(rows, n_rows))
+                o2, _ = e.reset()
+            obs[i] = o2
+    for e in envs:
+        e.close()
+    flat = [row for ep in out for row in ep][:n_rows]
+    cols = list(zip(*flat))
+    return {"observations": np.array(cols[0], np.float32), "actions": np.array(cols[1], np.float32),
+            "rewards": np.array(cols[2], np.float32), "terminals": np.array(cols[3], bool),
+            "timeouts": np.array(cols[4], bool), "next_observations": np.array(cols[5], np.float32),
+            "infos/qpos": np.array(cols[6], np.float32), "infos/qvel": np.array(cols[7], np.float32)}
+
+
+def generate(task_name: str, out: Path, n_rows: int = 1_000_000, seed: int = 0, policy_root=None,
+             n_envs: int = 8) -> Path:
+    """Write a `<env>-<level>-local` dataset as a D4RL-layout HDF5 file (atomically)."""
+    task = get_task(task_name)
+    if not task.local:
+        raise ValueError(f"{task.name} is a D4RL task; generated datasets are registered as <env>-<level>-local")
+    env, level = task.name.split("-", 1)
+    level = level[: -len("-local")]
+    parts = level_sources(env, level)
+    if any(s.policy != "random" for p in parts for s in p):
+        policy_dir(policy_root)                               # fail before any rollout
+    chunks, t0 = [], time.perf_counter()
+    total = n_rows * len(parts)
+    done = [0]
+    last = [t0]
+
+    def progress(k):
+        now = time.perf_counter()
+        if now - last[0] > 10:
+            rate = (done[0] + k) / (now - t0)
+            log.info("generate %s: %d/%d rows | %.0f transitions/s, ETA %.0fs", task.name, done[0] + k, total,
+                     rate, (total - done[0] - k) / max(rate, 1e-9))
+            last[0] = now
+
+    for pi, part in enumerate(parts):
+        counts = np.floor(np.array([s.share for s in part]) / sum(s.share for s in part) * n_rows).astype(int)
+        counts[-1] = n_rows - counts[:-1].sum()
+        for si, (src, k) in enumerate(zip(part, counts)):
+            chunks.append(rollouts(task, src, int(k), seed * 100 + pi * 10 + si, policy_root, n_envs, progress))
+            done[0] += int(k)
+    data = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    with h5py.File(tmp, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v, compression="gzip", compression_opts=1)
+        md = f.create_group("metadata")
+        md["algorithm"] = "cepdist-generate"
+        md["task"] = task.name
+        md["env_id"] = task.env_id
+        md["model"] = Path(model_file(task) or "default").name
+        md["seed"] = seed
+        md["policies"] = "; ".join(f"{s.policy}(noise={s.noise},share={s.share})" for p in parts for s in p)
+        md["generation_seconds"] = time.perf_counter() - t0
+    os.replace(tmp, out)
+    el = time.perf_counter() - t0
+    log.info("generate %s: %d rows in %.0fs (%.0f transitions/s) → %s", task.name, len(data["rewards"]), el,
+             len(data["rewards"]) / el, out)
+    return out
+
+
+def ensure_datasets(tasks, root: str | None = None, rows: int | None = None, policy_dir: str | None = None):
+    """Validate every task's file now, before any long work; generate missing *-local datasets (rows per
+    part, default 1M). A missing D4RL file, or a generated file made under other dynamics than the task's
+    evaluation environment, is an error that says how to get the right one."""
+    for name in tasks:
+        task = get_task(name)
+        path = local_path(task, Path(root) if root else None)
+        if path.is_file():
+            read_hdf5(path, task)
+            if task.local:
+                with h5py.File(path, "r") as f:
+                    found = f["metadata/model"][()].decode() if "metadata/model" in f else "default"
+                expected = Path(model_file(task) or "default").name
+                if found != expected:
+                    raise DatasetError(f"{path}: generated under the {found!r} model, but {task.name} runs on "
+                                       f"{expected!r}; regenerate it: `cepdist data generate --task {task.name}`")
+            continue
+        if not task.local:
+            raise DatasetError(f"{task.name}: no file at {path}; `cepdist data download {task.name}` "
+                               "or put the original file there")
+        log.info("generating %s (%d rows) → %s", task.name, rows or 1_000_000, path)
+        generate(task.name, path, rows or 1_000_000, seed=0, policy_root=policy_dir)
