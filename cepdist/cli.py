@@ -61,7 +61,7 @@ def _data(args):
     elif args.cmd == "download":
         print(datasets.download(get_task(args.task), Path(args.root) if args.root else None))
     elif args.cmd == "generate":
-        from .data.generate import generate
+        from .envs.generate import generate
         task = get_task(args.task)
         out = Path(args.out) if args.out else datasets.local_path(task, Path(args.root) if args.root else None)
         generate(task.name, out, args.n, args.seed, args.policy_dir, args.n_envs)

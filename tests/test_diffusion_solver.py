@@ -1,6 +1,7 @@
 """Schedule and DPM-Solver++ against closed forms and analytic scores."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,9 +80,10 @@ def _gmm_eps(plan, means, sd, weights):
 
 
 # time-uniform steps are coarse in λ near t → 0 and under-disperse sharp modes at small step counts
-# (std 0.20 instead of 0.30 at 15 steps here); logSNR spacing is accurate at 30.
+# (std 0.20 instead of 0.30 at 15 steps here); logSNR spacing is accurate at 30 (singlestep order 2 at 60: its
+# final 1st-order step(s), as in the reference, leave a mean error of 0.037 at 30 steps and 0.018 at 60).
 @pytest.mark.parametrize("method,order,steps,spacing", [
-    ("singlestep", 2, 30, "logSNR"), ("singlestep", 3, 30, "logSNR"), ("multistep", 2, 30, "logSNR"),
+    ("singlestep", 2, 60, "logSNR"), ("singlestep", 3, 30, "logSNR"), ("multistep", 2, 30, "logSNR"),
     ("multistep", 3, 30, "logSNR"), ("singlestep", 2, 120, "time_uniform")])
 def test_solver_reproduces_gaussian_mixture(method, order, steps, spacing):
     torch.manual_seed(1)
@@ -97,6 +99,62 @@ def test_solver_reproduces_gaussian_mixture(method, order, steps, spacing):
         assert torch.allclose(xc.mean(0), means[c], atol=0.03)
         # t_end = 1e-3 leaves σ ≈ 0.01 of extra spread: negligible against sd
         assert xc.std(0).sub(sd).abs().max() < 0.03
+
+
+def reference_dpm_solver_pp_2s(eps_at, x, steps, t_T=1.0, t_0=1e-3):
+    """The reference sampler written out directly (QGPO's DPM-Solver++, singlestep, order 2, time-uniform,
+    "dpmsolver" update): `steps` equal steps in t; 2nd-order steps whose midpoint is the next grid point,
+    then one 1st-order step (odd count) or two (even count)."""
+    orders = [2] * (steps // 2) + [1] if steps % 2 else [2] * (steps // 2 - 1) + [1, 1]
+    grid = np.linspace(t_T, t_0, steps + 1)
+    outer = grid[np.cumsum([0] + orders)]
+    x0 = lambda x, t: (x - S.sigma(t) * eps_at(x, t)) / S.alpha(t)
+    for o, s, t in zip(orders, outer[:-1], outer[1:]):
+        h = S.lam(t) - S.lam(s)
+        m_s = x0(x, s)
+        if o == 1:
+            x = S.sigma(t) / S.sigma(s) * x - S.alpha(t) * math.expm1(-h) * m_s
+        else:
+            s1 = np.linspace(s, t, 3)[1]
+            r1 = (S.lam(s1) - S.lam(s)) / h
+            x_s1 = S.sigma(s1) / S.sigma(s) * x - S.alpha(s1) * math.expm1(-r1 * h) * m_s
+            m_s1 = x0(x_s1, s1)
+            x = (S.sigma(t) / S.sigma(s) * x - S.alpha(t) * math.expm1(-h) * m_s
+                 - 0.5 / r1 * S.alpha(t) * math.expm1(-h) * (m_s1 - m_s))
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 6, 10, 15, 16])
+def test_default_plan_reproduces_the_reference_sampler_exactly(steps):
+    means = torch.tensor([[-1.0, 0.2], [1.0, -0.3]], dtype=torch.float64)
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    sd = 0.1
+
+    def eps_at(x, t):
+        a, s = S.alpha(t), S.sigma(t)
+        var = a * a * sd * sd + s * s
+        d = x[:, None, :] - a * means[None]
+        r = torch.softmax(-0.5 * (d**2).sum(-1) / var + torch.log(w), -1)
+        return s * (r[..., None] * d).sum(1) / var
+    x = torch.randn(4000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plan = make_plan(S, steps)
+    ours = sample(lambda z, k: eps_at(z, plan.times[k]), x, plan)
+    ref = reference_dpm_solver_pp_2s(eps_at, x, steps)
+    assert torch.allclose(ours, ref, atol=1e-9, rtol=0), (ours - ref).abs().max()
+
+
+def test_the_reference_grid_ends_where_the_reference_does():
+    """15 steps: the last network call is at the 15th point of the 16-point grid, t ≈ 0.068 (σ ≈ 0.23), not at
+    the 8-interval grid's t ≈ 0.126 (σ ≈ 0.40) of the alternative grid="outer"."""
+    ref = make_plan(S, 15)
+    assert math.isclose(ref.times[-1], np.linspace(1, 1e-3, 16)[14]) and abs(ref.sigmas[-1] - 0.23) < 0.01
+    assert np.allclose(ref.times, np.linspace(1, 1e-3, 16)[:15])          # every call on the 16-point grid
+    alt = make_plan(S, 15, grid="outer", update="taylor")
+    assert abs(alt.times[-1] - 0.126) < 0.002 and abs(alt.sigmas[-1] - 0.40) < 0.01
+    with pytest.raises(ValueError, match="grid"):
+        make_plan(S, 15, grid="coarse")
+    with pytest.raises(ValueError, match="update"):
+        make_plan(S, 15, update="euler")
 
 
 def test_plan_rejects_bad_arguments():

@@ -60,3 +60,22 @@ def test_evaluation_runs_on_antmaze():
     res = evaluate(policy, task, [1.0, 2.0], episodes=2, seed=0, max_steps=20)
     assert res.returns.shape == (2, 2) and set(np.unique(res.returns)) <= {0.0, 1.0}
     assert np.all(res.lengths == 20)
+
+
+def test_locomotion_tasks_run_on_the_models_their_d4rl_data_came_from():
+    """D4RL's walker2d data was collected with one foot's friction 0.9 (gymnasium's Walker2d-v5 sets both to
+    1.9); hopper's and halfcheetah's v5 models equal the v2-era ones. Read from the simulated model."""
+    import gymnasium as gym
+    import mujoco
+
+    def physics(env):
+        m = env.unwrapped.model
+        names = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_GEOM, i) for i in range(m.ngeom)]
+        return dict(zip(names, m.geom_friction[:, 0].round(3))), m.body_mass.round(6).tolist(), \
+            m.dof_damping.round(6).tolist(), m.actuator_gear[:, 0].tolist(), m.opt.timestep
+    for task, v2_era in (("walker2d-medium-v2", "Walker2d-v4"), ("walker2d-medium-local", "Walker2d-v4"),
+                         ("hopper-medium-v2", "Hopper-v4"), ("halfcheetah-medium-v2", "HalfCheetah-v4")):
+        ours, ref = physics(make_env(get_task(task))), physics(gym.make(v2_era))
+        assert ours == ref, (task, ours[0], ref[0])
+    friction = physics(make_env(get_task("walker2d-medium-v2")))[0]
+    assert (friction["foot_geom"], friction["foot_left_geom"]) == (0.9, 1.9)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cepdist.data import datasets
-from cepdist.data.generate import generate, policy_dir
+from cepdist.envs.generate import generate, policy_dir
 from cepdist.data.tasks import get_task
 
 ZOO = Path(os.environ.get("CEPDIST_POLICY_DIR", Path(__file__).resolve().parents[1].parent / "shared/policies/rl-zoo"))
@@ -56,3 +56,21 @@ def test_agent_levels_reach_their_scores(tmp_path, task, lo, hi):
     info = datasets.summarize(datasets.read_hdf5(p, get_task(task)), get_task(task))
     assert info["episodes"] >= 1
     assert lo < info["dataset_score"] < hi, info
+
+
+def test_generated_walker_data_records_its_model_and_stale_files_are_refused(tmp_path):
+    """Generated walker2d data is rolled out on the D4RL-era model, recorded in the file; a file made under
+    another model (e.g. before this fix) is refused before a study starts, with the command that fixes it."""
+    from cepdist.envs.generate import ensure_datasets
+    from cepdist.data.datasets import DatasetError
+    task = get_task("walker2d-random-local")
+    path = datasets.local_path(task, tmp_path)
+    ensure_datasets([task.name], str(tmp_path), rows=300)
+    with h5py.File(path, "r") as f:
+        assert f["metadata/model"][()].decode() == "walker2d.xml"
+    ensure_datasets([task.name], str(tmp_path))                       # valid: nothing to do
+    with h5py.File(path, "a") as f:
+        del f["metadata/model"]
+    with pytest.raises(DatasetError, match=r"generated under the 'default' model.*cepdist data generate --task "
+                                           r"walker2d-random-local"):
+        ensure_datasets([task.name], str(tmp_path))

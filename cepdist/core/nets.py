@@ -123,13 +123,20 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
 
 
 class CondMLP(nn.Module):
-    """MLP on [x, cond] with a split first layer: Lin_x(x) + Lin_c(cond). Output is a scalar per row."""
+    """MLP on [x, cond] with a split first layer: Lin_x(x) + Lin_c(cond), so a condition shared by many x is
+    projected once. Output is a scalar per row."""
 
     def __init__(self, x_dim: int, cond_dim: int, hidden: Sequence[int], act: str = "silu"):
         super().__init__()
         hidden = list(hidden)
         self.inp = nn.Linear(x_dim, hidden[0])
         self.cond = nn.Linear(cond_dim, hidden[0], bias=False) if cond_dim > 0 else None
+        # initialised as the reference's one layer over [x, cond]: U(±1/√(x_dim + cond_dim)) for every weight and
+        # the bias (per-part defaults would scale the action weights by √((x_dim + cond_dim)/x_dim), 2.5–5×)
+        bound = 1.0 / (x_dim + cond_dim) ** 0.5
+        with torch.no_grad():
+            for p in (self.inp.weight, self.inp.bias) + ((self.cond.weight,) if self.cond is not None else ()):
+                p.uniform_(-bound, bound)
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hidden[:-1], hidden[1:]))
         self.out = nn.Linear(hidden[-1], 1)
         self.act = {"silu": F.silu, "relu": F.relu}[act]

@@ -225,19 +225,3 @@ def minari_metadata(dataset_id: str, root: Path | None = None) -> dict:
     p = Path(root or minari_dir()) / dataset_id / "metadata.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
-
-def ensure_datasets(tasks, root: str | None = None, rows: int | None = None, policy_dir: str | None = None):
-    """Validate every task's file now, before any long work; generate missing *-local datasets (rows per
-    part, default 1M). A missing D4RL file is an error that says how to get it."""
-    from .generate import generate
-    for name in tasks:
-        task = get_task(name)
-        path = local_path(task, Path(root) if root else None)
-        if path.is_file():
-            read_hdf5(path, task)
-            continue
-        if not task.local:
-            raise DatasetError(f"{task.name}: no file at {path}; `cepdist data download {task.name}` "
-                               "or put the original file there")
-        log.info("generating %s (%d rows) → %s", task.name, rows or 1_000_000, path)
-        generate(task.name, path, rows or 1_000_000, seed=0, policy_root=policy_dir)

@@ -3,7 +3,9 @@
 D4RL's own environments (mujoco-py, gym 0.24) no longer import, so each task is evaluated on its nearest
 maintained environment and adapted here, in one place:
 
-- halfcheetah / hopper / walker2d: the gymnasium v5 environments have D4RL's spaces; used unchanged.
+- halfcheetah / hopper / walker2d: the gymnasium v5 environments have D4RL's spaces. hopper's and
+  halfcheetah's v5 models equal the v2 models D4RL's data came from; walker2d-v5 changed one foot's friction
+  (0.9 → 1.9), so walker2d runs on v5 with the v2-era model file (`D4RL_MODELS`), which gymnasium still ships.
 - ant: D4RL's Ant-v2 observation is 111-d = qpos[2:] (13) + qvel (14) + external contact forces (84). Under
   mujoco ≥ 2.0 (which generated the D4RL files) those contact forces read as zeros, so the adapter appends
   84 zeros to Ant-v5's 27-d contact-free observation and drops the contact cost, as Ant-v2 effectively had.
@@ -16,8 +18,10 @@ maintained environment and adapted here, in one place:
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import gymnasium as gym
+import gymnasium.envs.mujoco
 import numpy as np
 
 from ..data.tasks import Task
@@ -30,6 +34,14 @@ ANTMAZE_CELLS = {
     "AntMaze_Large-v4": ("LARGE_MAZE", (1, 1), (7, 9)),
 }
 SCALING = 4.0            # D4RL's maze_size_scaling for AntMaze
+# environments whose current model differs from the one D4RL's data was collected under → that model's file
+D4RL_MODELS = {"Walker2d-v5": "walker2d.xml"}
+
+
+def model_file(task: Task) -> str | None:
+    """The MuJoCo model file a task runs on, when it is not the environment's default."""
+    name = D4RL_MODELS.get(task.env_id)
+    return str(Path(gymnasium.envs.mujoco.__file__).parent / "assets" / name) if name else None
 
 
 def make_env(task: Task, max_steps: int | None = None):
@@ -41,7 +53,8 @@ def make_env(task: Task, max_steps: int | None = None):
         env = gym.make(task.env_id, max_episode_steps=horizon, include_cfrc_ext_in_observation=False,
                        contact_cost_weight=0.0)
         return ZeroPadObs(env, ANT_CONTACT_DIMS)
-    return gym.make(task.env_id, max_episode_steps=horizon)
+    xml = model_file(task)
+    return gym.make(task.env_id, max_episode_steps=horizon, **({"xml_file": xml} if xml else {}))
 
 
 class ZeroPadObs(gym.ObservationWrapper):

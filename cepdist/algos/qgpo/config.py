@@ -23,6 +23,8 @@ class SolverConfig:
     order: int = 2
     method: str = "singlestep"       # or "multistep"
     spacing: str = "time_uniform"    # or "logSNR"
+    grid: str = "fine"               # singlestep: "fine" (reference: inner points on the steps+1 grid) or "outer"
+    update: str = "dpmsolver"        # 2nd-order singlestep update: "dpmsolver" (reference) or "taylor"
 
 
 @dataclass

@@ -40,7 +40,7 @@ class GuidedPolicy:
         self._plans = {}
 
     def plan(self, solver: SolverConfig):
-        key = (solver.steps, solver.order, solver.method, solver.spacing)
+        key = (solver.steps, solver.order, solver.method, solver.spacing, solver.grid, solver.update)
         if key not in self._plans:
             self._plans[key] = plan_for(self.schedule, solver)
         return self._plans[key]

@@ -82,7 +82,7 @@ def make_schedule(cfg: ScheduleConfig) -> VPSchedule:
 
 
 def plan_for(schedule: VPSchedule, cfg: SolverConfig):
-    return make_plan(schedule, cfg.steps, cfg.order, cfg.method, cfg.spacing)
+    return make_plan(schedule, cfg.steps, cfg.order, cfg.method, cfg.spacing, grid=cfg.grid, update=cfg.update)
 
 
 def _restore_rng(ck: dict, seed: int, stage: str, device, parallel: Parallel) -> torch.Generator:
