@@ -131,7 +131,7 @@ def _report(args):
     from .analysis.report import build
     results = Path(args.results) if args.results else Path("results") / args.study / "results.parquet"
     out = Path(args.out) if args.out else results.parent / "report"
-    print(f"report: {build(results, out, args.fixed_scale, args.seed)}")
+    print(f"report: {build(results, out, args.fixed_scale, args.seed, args.summary_csv)}")
 
 
 def add_study_arguments(p: argparse.ArgumentParser):
@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="report folder (default: beside the results table, report/)")
     r.add_argument("--fixed-scale", type=float, help="the fixed-w selection rule (default 1, the exact tilt)")
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    r.add_argument("--summary-csv", help="also write the per-task summary (behaviour/fixed/validation) here")
 
     d = sub.add_parser("data", help="offline datasets: D4RL, Minari, locally generated")
     ds = d.add_subparsers(dest="cmd", required=True)

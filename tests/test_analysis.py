@@ -45,16 +45,20 @@ def test_stratified_bootstrap_and_iqm():
 
 
 def synthetic_frame():
-    """Two tasks × 3 seeds × scales {0, 1, 3}, evaluated at steps 10 and 20; known scores."""
+    """Two tasks × 3 seeds × scales {0, 1, 3}, evaluated at steps 10 and 20 on test and validation episodes;
+    known scores. On validation, hopper-medium-v2 prefers w = 1 and hopper-medium-local w = 3 (the opposite
+    of their test-episode optima)."""
     rows = []
     true = {("hopper-medium-v2", 0.0): 40, ("hopper-medium-v2", 1.0): 60, ("hopper-medium-v2", 3.0): 70,
             ("hopper-medium-local", 0.0): 30, ("hopper-medium-local", 1.0): 55, ("hopper-medium-local", 3.0): 45}
+    val = {("hopper-medium-v2", 1.0): 75, ("hopper-medium-local", 3.0): 65}
     for (task, w), mu in true.items():
         for seed, d in zip(range(3), (-3.0, 0.0, 3.0)):
             for step in (10, 20):
-                rows.append({"task": task, "seed": seed, "beta": 3.0, "K": 16, "steps": 15, "method": "cep",
-                             "scale": w, "step": step, "score": mu + d - (20 - step), "return": 0.0,
-                             "run_id": f"{task}{seed}"})
+                for episode_set, m in (("test", mu), ("validation", val.get((task, w), mu))):
+                    rows.append({"task": task, "seed": seed, "beta": 3.0, "K": 16, "steps": 15, "method": "cep",
+                                 "scale": w, "step": step, "episode_set": episode_set, "score": m + d - (20 - step),
+                                 "return": 0.0, "dataset_score": 33.0})
     return pd.DataFrame(rows)
 
 
@@ -74,7 +78,18 @@ def test_table_selection_rules_and_rendering():
     assert "| hopper-medium-v2 |" in md and "98.0 ± 2.6" in md
     local_row = next(l for l in md.splitlines() if l.startswith("| hopper-medium-local"))
     assert local_row.rstrip().endswith("| – |")                  # no published number for a local task
-    assert "selected on the evaluation metric" in md and r"\begin{tabular}" in tex and "98.0 $\\pm$ 2.6" in tex
+    assert "selected on the metric it reports" in md and r"\begin{tabular}" in tex and "98.0 $\\pm$ 2.6" in tex
+    # w chosen on the validation episodes, reported on the test episodes
+    assert tt.loc["hopper-medium-v2", "validation_scale"] == 1 and np.isclose(tt.loc["hopper-medium-v2", "validation_mean"], 60)
+    assert tt.loc["hopper-medium-local", "validation_scale"] == 3 and np.isclose(tt.loc["hopper-medium-local", "validation_mean"], 45)
+    sm = analysis.summary_table(df, fixed_scale=1.0, seed=0).set_index(["task", "rule"])
+    assert list(sm.reset_index().columns) == ["task", "rule", "w", "n_seeds", "score_mean", "ci_low", "ci_high",
+                                              "dataset_score", "diff_low", "diff_high"]
+    r = sm.loc[("hopper-medium-local", "validation")]
+    assert (r.w, r.n_seeds, r.score_mean, r.diff_low, r.diff_high) == (3.0, 3, 45.0, 15.0, 15.0)
+    b = sm.loc[("hopper-medium-v2", "behaviour")]
+    assert (b.w, b.score_mean, b.dataset_score) == (0.0, 40.0, 33.0) and np.isnan(b.diff_low)
+    assert sm.loc[("hopper-medium-v2", "fixed")].score_mean == 60.0
 
 
 def test_every_scale_against_the_behaviour_model():
@@ -108,11 +123,14 @@ def test_report_end_to_end_from_a_platform_study(tmp_path):
     summary = run_study(study, tmp_path / "out")
     ray.shutdown()
     res = pd.read_parquet(summary["results_table"])
-    # the tidy table: one row per trial × scale × evaluation step; the scale a column
-    assert len(res) == 2 * len(study.scales) * 2 and set(res.scale) == set(study.scales)
+    # the tidy table: one row per trial × scale × evaluation step × episode set; the scale a column
+    assert len(res) == 2 * len(study.scales) * 2 * 2 and set(res.scale) == set(study.scales)
     assert {"task", "seed", "beta", "K", "steps", "method", "scale", "step", "episode_set", "score", "return",
             "episodes", "dataset_score"} <= set(res.columns)
     assert (res.episodes == study.eval_episodes).all()
+    val = res[res.episode_set == "validation"].set_index(["seed", "scale", "step"]).score
+    res = res[res.episode_set == "test"]
+    assert not np.allclose(val.sort_index().values, res.set_index(["seed", "scale", "step"]).score.sort_index().values)
     # MLflow holds the same numbers, for browsing
     tr = MLflowTracker(study.mlflow_uri, study.name)
     for run in tr.client.search_runs([tr.experiment_id]):
@@ -126,7 +144,7 @@ def test_report_end_to_end_from_a_platform_study(tmp_path):
                         "--out", str(tmp_path / "report")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "report"
-    for name in ("index.md", "table.md", "table.tex", "table.csv", "domains.csv",
+    for name in ("index.md", "table.md", "table.tex", "table.csv", "domains.csv", "summary.csv",
                  "heatmap_task_scale.png", "heatmap_task_scale.pdf", "learning_curves.png",
                  "sensitivity_scale.png", "sensitivity_scale.pdf", "scales.csv", "critic.csv", "q_statistics.png"):
         assert (out / name).is_file(), name

@@ -45,7 +45,9 @@ def check_complete(study: StudyConfig, summary: dict):
     store = ArtifactStore(study.store)
     steps = list(range(study.eval_every, study.base.energy.steps + 1, study.eval_every))
     table = pd.read_parquet(summary["results_table"])
-    assert len(table) == len(ts) * len(study.scales) * len(steps)
+    assert set(table.episode_set) == {"test", "validation"}
+    assert len(table) == 2 * len(ts) * len(study.scales) * len(steps)
+    table = table[table.episode_set == "test"]
     assert sorted(table.step.unique()) == steps
     tr = MLflowTracker(study.mlflow_uri, study.name)
     runs = tr.client.search_runs([tr.experiment_id], max_results=1000)
@@ -103,7 +105,7 @@ def test_a_non_default_noise_schedule_reaches_every_stage(cluster, tmp_path):
     assert fetch(store, t0.keys["support"])["schedule"] == [0.1, 20.0]
     a0, a1 = (fetch(store, t.keys["support"])["actions"] for t in (t0, t1))
     assert a0.shape == a1.shape and not np.allclose(a0.numpy(), a1.numpy())
-    r0, r1 = (res[s.name].sort_values(["step", "scale"])["return"].to_numpy() for s in (default, other))
+    r0, r1 = (res[s.name].sort_values(["step", "scale", "episode_set"])["return"].to_numpy() for s in (default, other))
     assert not np.allclose(r0, r1)
 
 

@@ -78,6 +78,7 @@ def test_two_train_workers_with_intermediate_evaluations_survive_a_killed_worker
     assert summary["executions"] == {"behavior": 1, "support": 1, "q": 1, "energy": 1, "evaluation": 1}
     # the learning curve is complete: every intermediate evaluation in the table and in MLflow, once
     res = pd.read_parquet(summary["results_table"])
+    res = res[res.episode_set == "test"]
     assert sorted(res.step.unique()) == [50, 100, 150, 200]
     assert len(res) == 4 * len(study.scales)
     tr = MLflowTracker(study.mlflow_uri, study.name)

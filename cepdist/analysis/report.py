@@ -11,7 +11,8 @@ import pandas as pd
 from . import plots, stats
 
 
-def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int = 0) -> Path:
+def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int = 0,
+          summary_csv: Path | None = None) -> Path:
     df = stats.load_results(results)
     out.mkdir(parents=True, exist_ok=True)
     study = ", ".join(sorted(df.study.unique()))
@@ -21,12 +22,17 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
     elif fixed_scale not in scales:
         raise ValueError(f"--fixed-scale {fixed_scale:g} was not evaluated; scales: {', '.join(f'{s:g}' for s in scales)}")
     tt = stats.task_table(df, fixed_scale, seed=seed)
-    dt = pd_concat([stats.domain_table(df, rule, fixed_scale, seed=seed) for rule in ("fixed", "best")])
+    dt = pd_concat([stats.domain_table(df, rule, fixed_scale, seed=seed) for rule in ("fixed", "validation", "best")])
     md, tex = stats.render(tt, dt, fixed_scale)
     (out / "table.md").write_text(md)
     (out / "table.tex").write_text(tex)
     tt.to_csv(out / "table.csv", index=False)
     dt.to_csv(out / "domains.csv", index=False)
+    sm = stats.summary_table(df, fixed_scale, seed=seed)
+    sm.to_csv(out / "summary.csv", index=False)
+    if summary_csv is not None:
+        Path(summary_csv).parent.mkdir(parents=True, exist_ok=True)
+        sm.to_csv(summary_csv, index=False)
     st = stats.scale_table(df, seed=seed)
     st.to_csv(out / "scales.csv", index=False)
     diag = stats.diagnostics(df)
@@ -39,7 +45,7 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
              "", "## Results table", "", md, "", "## Every guidance scale against the behaviour model (w = 0)", "",
              stats.render_scale_table(st), "",
              "Files: [table.md](table.md), [table.tex](table.tex), [table.csv](table.csv), [scales.csv](scales.csv), "
-             "[domains.csv](domains.csv), [critic.csv](critic.csv) (losses and Q statistics per evaluation); the tidy results table is "
+             "[summary.csv](summary.csv) (behaviour / fixed / validation rules per task), [domains.csv](domains.csv), [critic.csv](critic.csv) (losses and Q statistics per evaluation); the tidy results table is "
              f"`{results}`.", "", "## Figures", ""]
     for f in figs:
         if f.suffix == ".png":

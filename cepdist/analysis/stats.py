@@ -49,6 +49,8 @@ def load_results(path) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"no results table at {path}; run the study first (`cepdist study run`)")
     df = pd.read_parquet(path)
+    # the order in which hyperparameter settings first appear is the study's grid order (first = default)
+    df["setting_rank"] = df.groupby(HYPER, sort=False).ngroup()
     missing = [c for c in KEYS + ["score", "dataset_score"] if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not a cepdist results table (missing columns {', '.join(missing)})")
@@ -63,10 +65,20 @@ def diagnostics(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop_duplicates(KEYS[:6] + ["step"])[KEYS[:6] + ["step"] + cols].reset_index(drop=True)
 
 
-def final(df: pd.DataFrame) -> pd.DataFrame:
-    """The last evaluation of every trial."""
+def final(df: pd.DataFrame, episode_set: str = "test") -> pd.DataFrame:
+    """The last evaluation of every trial on one episode set: `test` (reported) or `validation` (for
+    selecting hyperparameters). A frame without the column is all test episodes."""
+    if "episode_set" in df.columns:
+        df = df[df.episode_set == episode_set]
+    elif episode_set != "test":
+        df = df.iloc[:0]
     last = df.groupby(["task", "seed", "beta", "K", "steps", "method"])["step"].transform("max")
     return df[df.step == last]
+
+
+def validation_choice(v: pd.DataFrame) -> float | None:
+    """The guidance scale with the best mean validation score over seeds (None without validation rows)."""
+    return float(v.groupby("scale")["score"].mean().idxmax()) if len(v) else None
 
 
 # ---------------------------------------------------------------- statistics
@@ -108,17 +120,18 @@ def stratified_bootstrap(scores: dict[str, np.ndarray], stat: str = "mean", n_bo
 
 # ---------------------------------------------------------------- the results table
 def task_table(df: pd.DataFrame, fixed_scale: float, seed: int = 0, n_boot: int = 10_000) -> pd.DataFrame:
-    """Per task (and hyperparameter setting): mean, 95% CI over seeds, number of seeds, under the two
-    selection rules: a fixed guidance scale, and the per-task best scale (selected on the evaluation metric)."""
-    f = final(df)
+    """Per task (and hyperparameter setting): mean, 95% CI over seeds, number of seeds on the test episodes,
+    under three selection rules: a fixed guidance scale, the per-task scale chosen on the validation episodes,
+    and the per-task best scale on the test episodes themselves (optimistic)."""
+    f, v = final(df), final(df, "validation")
     rows = []
     for keys, g in f.groupby(["task"] + HYPER):
-        by_scale = g.groupby("scale")["score"]
-        means = by_scale.mean()
-        best = float(means.idxmax())
+        best = float(g.groupby("scale")["score"].mean().idxmax())
         rec = dict(zip(["task"] + HYPER, keys))
-        for rule, w in (("fixed", fixed_scale), ("best", best)):
-            s = g[g.scale == w].sort_values("seed")["score"].to_numpy()
+        gv = v.merge(pd.DataFrame([rec]), on=["task"] + HYPER)
+        w_val = validation_choice(gv)
+        for rule, w in (("fixed", fixed_scale), ("validation", w_val), ("best", best)):
+            s = g[g.scale == w].sort_values("seed")["score"].to_numpy() if w is not None else np.zeros(0)
             lo, hi = bootstrap_ci(s, n_boot, seed=seed) if len(s) else (np.nan, np.nan)
             rec.update({f"{rule}_scale": w, f"{rule}_mean": float(np.mean(s)) if len(s) else np.nan,
                         f"{rule}_lo": lo, f"{rule}_hi": hi, f"{rule}_n": len(s)})
@@ -179,12 +192,19 @@ def render_scale_table(st: pd.DataFrame) -> str:
 def domain_table(df: pd.DataFrame, scale_rule: str, fixed_scale: float, seed: int = 0) -> pd.DataFrame:
     """Per domain: mean and IQM over tasks with stratified-bootstrap 95% intervals (default hyperparameters:
     the first value of each in the frame's order)."""
-    f = final(df)
+    f, v = final(df), final(df, "validation")
     rows = []
     for (dom, hp), g in f.assign(domain=f.task.map(domain)).groupby(["domain", f[HYPER].astype(str).agg("/".join, axis=1)]):
         scores = {}
         for task, gt in g.groupby("task"):
-            w = fixed_scale if scale_rule == "fixed" else float(gt.groupby("scale")["score"].mean().idxmax())
+            if scale_rule == "fixed":
+                w = fixed_scale
+            elif scale_rule == "validation":
+                w = validation_choice(v[(v.task == task) & (v[HYPER].astype(str).agg("/".join, axis=1) == hp)])
+            else:
+                w = float(gt.groupby("scale")["score"].mean().idxmax())
+            if w is None:
+                continue
             scores[task] = gt[gt.scale == w].sort_values("seed")["score"].to_numpy()
         scores = {t: s for t, s in scores.items() if len(s)}
         if not scores:
@@ -196,23 +216,63 @@ def domain_table(df: pd.DataFrame, scale_rule: str, fixed_scale: float, seed: in
     return pd.DataFrame(rows)
 
 
+SUMMARY_COLUMNS = ["task", "rule", "w", "n_seeds", "score_mean", "ci_low", "ci_high", "dataset_score", "diff_low",
+                   "diff_high"]
+
+
+def summary_table(df: pd.DataFrame, fixed_scale: float, seed: int = 0, n_boot: int = 10_000) -> pd.DataFrame:
+    """Per task, one row per rule, scores on the test episodes at the last evaluation: `behaviour` (w = 0),
+    `fixed` (one w for every task) — both in the study's first hyperparameter setting — and `validation` (the
+    setting and w with the best mean validation score). diff_*: the 95% interval of the paired per-seed
+    difference against w = 0 of the same setting (empty for the behaviour row)."""
+    f, v = final(df), final(df, "validation")
+    first = df.iloc[0][HYPER].to_dict() if "setting_rank" not in df else \
+        df.sort_values("setting_rank").iloc[0][HYPER].to_dict()
+    rows = []
+    for task, g in f.groupby("task", sort=True):
+        gv = v[v.task == task]
+        choices = [("behaviour", first, 0.0), ("fixed", first, fixed_scale)]
+        if len(gv):
+            m = gv.groupby(HYPER + ["scale"])["score"].mean()
+            *hp, w = m.idxmax()
+            choices.append(("validation", dict(zip(HYPER, hp)), float(w)))
+        for rule, hp, w in choices:
+            gs = g.merge(pd.DataFrame([hp]), on=HYPER)
+            s = gs[gs.scale == w].set_index("seed")["score"].sort_index()
+            if not len(s):
+                continue
+            lo, hi = bootstrap_ci(s.to_numpy(), n_boot, seed=seed)
+            dlo = dhi = np.nan
+            if rule != "behaviour":
+                base = gs[gs.scale == 0.0].set_index("seed")["score"]
+                d = (s - base).dropna().to_numpy()
+                dlo, dhi = bootstrap_ci(d, n_boot, seed=seed) if len(d) else (np.nan, np.nan)
+            rows.append({"task": task, "rule": rule, "w": w, "n_seeds": len(s), "score_mean": float(s.mean()),
+                         "ci_low": lo, "ci_high": hi, "dataset_score": float(gs["dataset_score"].mean()),
+                         "diff_low": dlo, "diff_high": dhi})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
 def _cell(m, lo, hi):
     return "–" if np.isnan(m) else (f"{m:.1f} [{lo:.1f}, {hi:.1f}]" if not np.isnan(lo) else f"{m:.1f}")
 
 
 def render(tt: pd.DataFrame, dt: pd.DataFrame, fixed_scale: float) -> tuple[str, str]:
     """(Markdown, LaTeX) of the results table and the domain aggregates."""
-    head = ["task", "β", "K", "steps", "method", f"fixed w = {fixed_scale:g}", "n", "best w (selected on eval)",
-            "w*", "QGPO (paper)"]
+    head = ["task", "β", "K", "steps", "method", f"fixed w = {fixed_scale:g}", "n", "w chosen on validation",
+            "w (val)", "best w on test (optimistic)", "w*", "QGPO (paper)"]
     body = []
     for _, r in tt.iterrows():
         pub = "–" if np.isnan(r.published) else f"{r.published:.1f} ± {r.published_std:.1f}"
         body.append([r.task, f"{r.beta:g}", str(r.K), str(r.steps), r.method,
                      _cell(r.fixed_mean, r.fixed_lo, r.fixed_hi), str(r.fixed_n),
+                     _cell(r.validation_mean, r.validation_lo, r.validation_hi),
+                     "–" if pd.isna(r.validation_scale) else f"{r.validation_scale:g}",
                      _cell(r.best_mean, r.best_lo, r.best_hi), f"{r.best_scale:g}", pub])
-    note = ("Normalised score ×100 at the last evaluation: mean over seeds [95% bootstrap CI over seeds]. "
-            f"'fixed': w = {fixed_scale:g} for every task; 'best': the per-task best w, selected on the "
-            "evaluation metric itself (optimistic). Published numbers only for D4RL tasks; *-local tasks are "
+    note = ("Normalised score ×100 on the test episodes at the last evaluation: mean over seeds [95% bootstrap CI "
+            f"over seeds]. 'fixed': w = {fixed_scale:g} for every task; 'validation': the per-task w with the best "
+            "mean score on the validation episodes (other resets), reported on the test episodes; 'best': the "
+            "per-task best w on the test episodes themselves, selected on the metric it reports (optimistic). Published numbers only for D4RL tasks; *-local tasks are "
             "generated locally and are not D4RL results.")
     md = [note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(b) + " |" for b in body]
@@ -223,7 +283,7 @@ def render(tt: pd.DataFrame, dt: pd.DataFrame, fixed_scale: float) -> tuple[str,
                f"{_cell(r.iqm, r.iqm_lo, r.iqm_hi)} |" for _, r in dt.iterrows()]
     esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("β", r"$\beta$").replace("±", r"$\pm$") \
         .replace("–", "--").replace("w*", "$w^*$")
-    tex = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{" + "l" * 5 + "r" * 5 + "}", r"\toprule",
+    tex = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{" + "l" * 5 + "r" * 7 + "}", r"\toprule",
            " & ".join(esc(h) for h in head) + r" \\", r"\midrule"]
     tex += [" & ".join(esc(c) for c in b) + r" \\" for b in body]
     tex += [r"\bottomrule", r"\end{tabular}", r"\caption{" + esc(note) + "}", r"\end{table}"]

@@ -25,7 +25,7 @@ from ray.tune import Callback, Stopper
 from ..envs.generate import ensure_datasets
 from .results import write_table
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, make_trial, store_path, trials
+from .study import StudyConfig, Trial, hyper_id, store_path, trials
 from .tracking import MLflowTracker
 from .trials import behavior_phase, policy_phase, q_phase
 
@@ -85,10 +85,11 @@ def _fmt(sec: float) -> str:
 
 def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, tracker: MLflowTracker | None):
     """Progress lines, fatal-failure capture and (policy phase) one MLflow run per trial."""
-    by_key = {t.keys["evaluation" if phase == "policy" else phase]: t for t in units}
+
+    by_hyper = {hyper_id(t.hyper): t for t in units}
 
     def trial_of(trial) -> Trial:
-        return make_trial(study, trial.config["trial"])
+        return by_hyper[hyper_id(trial.config["trial"])]
 
     class Events(Callback):
         def __init__(self):
@@ -166,7 +167,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             if not force and now - self.last < 30:
                 return
             self.last = now
-            total, elapsed = len(by_key), now - self.t0
+            total, elapsed = len(units), now - self.t0
             rate = self.done / elapsed if elapsed > 0 else 0.0
             eta = _fmt((total - self.done) / rate) if rate > 0 else "?"
             stages = {}
@@ -190,7 +191,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
 def evaluation_metrics_of(result: dict) -> dict:
     skip = {"event", "stage", "step"}
     return {k: v for k, v in result.items() if k not in skip and isinstance(v, (int, float))
-            and not isinstance(v, bool) and (k.startswith(("score_w", "return_w")) or k in _METRIC_NAMES)}
+            and not isinstance(v, bool) and (k.startswith(("score_w", "return_w", "val_score_w")) or k in _METRIC_NAMES)}
 
 
 _METRIC_NAMES = {"dataset_score", "eval_seconds", "eval_env_steps_per_s", "q_loss", "target_mean", "energy_loss",
@@ -238,7 +239,8 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
         digest = hashlib.sha256(json.dumps([t.keys[stage] for t in todo]).encode()).hexdigest()[:8]
         eval_actors = study.eval_actors if phase == "policy" else 0
         tune.Tuner(
-            tune.with_resources(tune.with_parameters(fn, study=study, run_id=run_id),
+            tune.with_resources(tune.with_parameters(fn, study=study, units={hyper_id(t.hyper): t for t in todo},
+                                                     run_id=run_id),
                                 tune.PlacementGroupFactory(trial_resources(study, eval_actors))),
             param_space={"trial": tune.grid_search([t.hyper for t in todo])},
             tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent),

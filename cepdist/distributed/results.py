@@ -1,6 +1,7 @@
 """The study's one results table: tidy Parquet, written from the stored evaluations.
 
-One row per (task, seed, hyperparameters, method, guidance scale, evaluation step, episode set): the
+One row per (task, seed, hyperparameters, method, guidance scale, evaluation step, episode set — `validation`
+episodes for selecting hyperparameters, `test` episodes with other resets for reporting): the
 normalised score (mean over the episodes, ×100), its standard error, the mean raw return, the episode
 count, the dataset's own score and the stage diagnostics at that step. The guidance scale is a column.
 MLflow receives the same numbers for browsing; the report reads only this table."""
@@ -22,15 +23,18 @@ COLUMNS = ["study", "algorithm", "task", "seed", "beta", "K", "steps", "method",
 def trial_rows(study: str, trial: Trial, history: list[dict]) -> list[dict]:
     rows = []
     for h in history:
-        for w, sc, ret in zip(trial.scales, h["scores"], h["returns"]):
-            sc, ret = np.asarray(sc, dtype=float), np.asarray(ret, dtype=float)
-            n = int(np.sum(~np.isnan(sc)))
-            rows.append({"study": study, "algorithm": "qgpo", **trial.hyper, "scale": float(w), "step": h["step"],
-                         "episode_set": "eval", "score": float(np.nanmean(sc)),
-                         "score_se": float(np.nanstd(sc) / np.sqrt(max(n, 1))), "return": float(np.nanmean(ret)),
-                         "episodes": n, "dataset_score": h["dataset_score"],
-                         **{d: h["diagnostics"].get(d, np.nan) for d in DIAGNOSTICS},
-                         "evaluation_key": trial.keys["evaluation"]})
+        for episode_set, ev in h["sets"].items():
+            for w, sc, ret in zip(trial.scales, ev["scores"], ev["returns"]):
+                sc, ret = np.asarray(sc, dtype=float), np.asarray(ret, dtype=float)
+                n = int(np.sum(~np.isnan(sc)))
+                if not n:                      # e.g. no validation episodes
+                    continue
+                rows.append({"study": study, "algorithm": "qgpo", **trial.hyper, "scale": float(w),
+                             "step": h["step"], "episode_set": episode_set, "score": float(np.nanmean(sc)),
+                             "score_se": float(np.nanstd(sc) / np.sqrt(n)), "return": float(np.nanmean(ret)),
+                             "episodes": n, "dataset_score": h["dataset_score"],
+                             **{d: h["diagnostics"].get(d, np.nan) for d in DIAGNOSTICS},
+                             "evaluation_key": trial.keys["evaluation"]})
     return rows
 
 

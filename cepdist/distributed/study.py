@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ class StudyConfig:
     mode: str = "grid"                             # grid | sensitivity (one hyperparameter at a time)
     base: QGPOConfig = field(default_factory=lambda: QGPOConfig(
         support=dataclasses.replace(QGPOConfig().support, K=None), q=dataclasses.replace(QGPOConfig().q, reward=None)))
-    eval_episodes: int = 10
+    eval_episodes: int = 10                        # test episodes per guidance scale (the reported scores)
+    val_episodes: int | None = None                # validation episodes per scale, other resets (None → eval_episodes)
     eval_every: int = 0                            # energy steps between evaluations (0: only at the end)
     eval_max_steps: int | None = None              # None → the task's episode length
     eval_actors: int = 2                           # 0: evaluate inside the trial process (one machine)
@@ -62,6 +64,10 @@ class StudyConfig:
     mlflow_uri: str = DEFAULT_URI
     max_failures: int = 2                          # retries of a trial after node loss or a worker crash
     max_concurrent: int | None = None              # None → as many as resources allow
+
+    @property
+    def validation_episodes(self) -> int:
+        return self.eval_episodes if self.val_episodes is None else self.val_episodes
 
     def axes(self) -> dict[str, tuple]:
         b = self.base
@@ -103,6 +109,11 @@ class Trial:
         return f"{self.task} s{self.seed} β{self.beta:g} K{self.K} n{self.steps} {self.method}"
 
 
+def hyper_id(hyper: dict[str, Any]) -> str:
+    """A trial's identity within a study: its hyperparameters, canonically serialised."""
+    return json.dumps({k: hyper[k] for k in HYPER}, sort_keys=True)
+
+
 def _key_cfg(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY}
 
@@ -131,6 +142,7 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any]) -> Trial:
         policy = {"energy": keys["energy"]}
     keys["evaluation"] = stage_key("evaluation", {**policy, "method": cfg.energy.method, "scales": scales,
                                                   "sampler": to_dict(cfg.sampler), "episodes": study.eval_episodes,
+                                                  "val_episodes": study.validation_episodes,
                                                   "max_steps": max_steps, "eval_every": study.eval_every})
     # evaluated at every eval_every steps of the policy's last stage (energy) and at its end; dps at Q's end
     total = cfg.q.steps if cfg.energy.method == "dps" else cfg.energy.steps

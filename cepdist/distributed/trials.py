@@ -10,7 +10,8 @@ it and record the execution. The energy stage stores a snapshot at every evaluat
 rank 0, straight into the store), so a retried or data-parallel stage keeps every snapshot it reached; the
 evaluation stage then evaluates each snapshot once, persisting each evaluation as it finishes.
 
-Trials talk to the driver through `tune.report` events (stage start/done, evaluation, fatal). A failure a
+Each trainable receives the study and its phase's trials typed (`tune.with_parameters`), computed once by the
+driver, and finds its own by its hyperparameters (the search space). Trials talk to the driver through `tune.report` events (stage start/done, evaluation, fatal). A failure a
 retry cannot fix (bad config or data, a non-finite loss) is reported as `fatal` once and ends the trial;
 the driver then stops the study. Anything else (a lost node, a crashed worker) raises and Tune retries."""
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..data import datasets
 from ..data.transitions import Transitions
 from .pool import EvalPool, policy_payload
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, make_trial
+from .study import StudyConfig, Trial, hyper_id
 from .train import PERMANENT, run_data_parallel
 
 log = logging.getLogger("cepdist")
@@ -198,11 +199,16 @@ def evaluation_stage(ctx: Context):
                 payload = policy_payload(behavior, t.method, t.config.sampler, energy=energy)
                 metrics = store.get_json(t.keys["energy"], f"step-{step}.json")
             t0 = time.perf_counter()
-            res = pool.evaluate(payload, t.task, t.scales, ctx.study.eval_episodes, seed=10_000 + t.seed,
+            # one lockstep pass over both episode sets: the first n_val episodes (their own reset seeds) are
+            # for selecting hyperparameters such as w, the rest are the test episodes that are reported
+            n_val = ctx.study.validation_episodes
+            res = pool.evaluate(payload, t.task, t.scales, n_val + ctx.study.eval_episodes, seed=10_000 + t.seed,
                                 max_steps=t.max_steps)
             seconds = time.perf_counter() - t0
-            entry = {"step": step, "returns": res.returns.tolist(), "scores": res.normalized.tolist(),
-                     "lengths": res.lengths.tolist(), "dataset_score": dataset_score, "seconds": seconds,
+            sets = {name: {"returns": res.returns[:, part].tolist(), "scores": res.normalized[:, part].tolist(),
+                           "lengths": res.lengths[:, part].tolist()}
+                    for name, part in (("validation", slice(0, n_val)), ("test", slice(n_val, None)))}
+            entry = {"step": step, "sets": sets, "dataset_score": dataset_score, "seconds": seconds,
                      "env_steps_per_s": res.env_steps / max(seconds, 1e-9),
                      "diagnostics": {**{k: v for k, v in q_metrics.items() if "/" not in k},
                                      **{k: v for k, v in metrics.items() if "/" not in k}}}
@@ -224,20 +230,24 @@ def _finish_evaluation(ctx: Context, history: list[dict]):
 
 
 def evaluation_metrics(trial: Trial, entry: dict) -> dict:
-    """An evaluation as MLflow metrics: per-scale normalised score and raw return (for browsing; the
-    results table has the scale as a column), the dataset's score, the stage diagnostics."""
+    """An evaluation as MLflow metrics: per-scale normalised score and raw return on the test episodes, and
+    the validation score (for browsing; the results table has the scale and the episode set as columns),
+    the dataset's score, the stage diagnostics."""
     out = {"step": entry["step"], "dataset_score": entry["dataset_score"], "eval_seconds": entry["seconds"],
            "eval_env_steps_per_s": entry["env_steps_per_s"], **entry["diagnostics"]}
-    for w, sc, ret in zip(trial.scales, entry["scores"], entry["returns"]):
-        out[f"score_w{w:g}"] = float(np.nanmean(sc))
-        out[f"return_w{w:g}"] = float(np.nanmean(ret))
+    test, val = entry["sets"]["test"], entry["sets"]["validation"]
+    for i, w in enumerate(trial.scales):
+        out[f"score_w{w:g}"] = float(np.nanmean(test["scores"][i]))
+        out[f"return_w{w:g}"] = float(np.nanmean(test["returns"][i]))
+        if len(val["scores"][i]):
+            out[f"val_score_w{w:g}"] = float(np.nanmean(val["scores"][i]))
     return out
 
 
 # ---------------------------------------------------------------- the Tune trainables
-def _run(config: dict, study: StudyConfig, run_id: str, stages):
+def _run(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: str, stages):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    ctx = Context(study, make_trial(study, config["trial"]), run_id)
+    ctx = Context(study, units[hyper_id(config["trial"])], run_id)
     try:
         for stage in stages:
             stage(ctx)
@@ -245,14 +255,14 @@ def _run(config: dict, study: StudyConfig, run_id: str, stages):
         ctx.event(event="fatal", cause=f"{type(e).__name__}: {e}")
 
 
-def behavior_phase(config: dict, study: StudyConfig, run_id: str):
-    _run(config, study, run_id, (behavior_stage,))
+def behavior_phase(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: str):
+    _run(config, study, units, run_id, (behavior_stage,))
 
 
-def q_phase(config: dict, study: StudyConfig, run_id: str):
-    _run(config, study, run_id, (support_stage, q_stage))
+def q_phase(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: str):
+    _run(config, study, units, run_id, (support_stage, q_stage))
 
 
-def policy_phase(config: dict, study: StudyConfig, run_id: str):
-    _run(config, study, run_id, (evaluation_stage,) if config["trial"]["method"] == "dps"
+def policy_phase(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: str):
+    _run(config, study, units, run_id, (evaluation_stage,) if config["trial"]["method"] == "dps"
          else (energy_stage, evaluation_stage))
