@@ -30,6 +30,19 @@ REFERENCE = {"behavior_4096": 2.0, "behavior_256": 24.6, "critic": 9.9, "sample_
              "sample_100": 1157, "sample_1000": 1777, "support": 1973}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the instruction sets that decide matmul speed (bf16 needs AVX-512 BF16 or
+    AMX to be fast on CPU; without them autocast to bf16 is emulated and far slower than fp32)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(have) or 'no avx2'})"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -117,7 +130,7 @@ def main():
         print(f"  {k:16s} {res[k] / ref:6.2f}x" + (f"   (bf16: {res[k + '_bf16'] / ref:.2f}x)" if k + "_bf16" in res else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "cpu": platform.processor() or platform.machine(),
+    out.write_text(json.dumps({"device": str(device), "cpu": cpu_model(),
                                "threads": torch.get_num_threads(), "torch": torch.__version__,
                                "results": res, "reference_2cpu": REFERENCE}, indent=2))
     print(f"wrote {out}")

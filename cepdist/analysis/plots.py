@@ -79,8 +79,33 @@ def heatmap(df: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out / "heatmap_task_scale")
 
 
+def _test(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df.episode_set == "test"] if "episode_set" in df.columns else df
+
+
+def time_to_quality(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Test score against the cumulative training compute behind the evaluated policy, per task: one line per
+    guidance scale through the evaluation steps (means over seeds and settings)."""
+    df = _test(df)
+    if "compute_seconds" not in df.columns or df.compute_seconds.isna().all():
+        return []
+    plt = _plt()
+    tasks = sorted(df.task.unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, (w, gw) in enumerate(df[df.task == task].groupby("scale")):
+            m = gw.groupby("step")[["compute_seconds", "score"]].mean()
+            ax.plot(m.compute_seconds / 60, m.score, "o-", color=f"C{i}",
+                    label=f"w = {w:g}" + (" (behaviour)" if w == 0 else ""))
+        ax.set_title(task); ax.set_xlabel("training compute (minutes)"); ax.grid(alpha=0.3)
+        ax.set_ylabel("normalised score (test episodes)")
+        ax.legend(fontsize=7)
+    return _save(fig, out / "time_to_quality")
+
+
 def learning_curves(df: pd.DataFrame, out: Path, seed: int = 0) -> list[Path]:
     plt = _plt()
+    df = _test(df)
     tasks = sorted(df.task.unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):

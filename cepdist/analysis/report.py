@@ -38,7 +38,7 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
     diag = stats.diagnostics(df)
     diag.to_csv(out / "critic.csv", index=False)
     figs = plots.sensitivity(df, out, seed) + plots.heatmap(df, out) + plots.learning_curves(df, out, seed) \
-        + plots.q_statistics(diag, out)
+        + plots.time_to_quality(df, out) + plots.q_statistics(diag, out)
     n_trials = df.drop_duplicates(stats.KEYS[:6]).shape[0]
     lines = [f"# Study `{study}`", "", f"Results table: `{results}`; {n_trials} trials, "
              f"{df.task.nunique()} task(s), {df.seed.nunique()} seed(s), scales {', '.join(f'{s:g}' for s in scales)}.",
