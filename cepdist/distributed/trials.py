@@ -121,8 +121,13 @@ def keep_metrics(store_uri: str, key: str, total: int, snapshot_every: int = 0):
 
 
 def _chain(*callbacks):
+    """One stage callback that calls each given one (None skipped) in order."""
     cbs = [c for c in callbacks if c is not None]
-    return lambda *a: [c(*a) for c in cbs] and None
+
+    def call(*args):
+        for c in cbs:
+            c(*args)
+    return call
 
 
 # ---------------------------------------------------------------- the stages as the trials run them
