@@ -55,3 +55,24 @@ def test_an_interrupted_phase_stops_the_study_naming_what_is_missing(tmp_path):
     check_complete(store, "behavior", ["behavior-aaa", "behavior-aaa"], "artifact.pt")
     with pytest.raises(StudyInterrupted, match="behavior phase: 1 of 2 .*behavior-bbb.*again to resume"):
         check_complete(store, "behavior", ["behavior-aaa", "behavior-bbb"], "artifact.pt")
+
+
+def test_concurrent_checkpoint_saves_of_one_path_never_collide(tmp_path):
+    """Two writers saving the same checkpoint path at once: every save succeeds and the file is always a
+    complete checkpoint (unique temporary names, atomic rename)."""
+    import threading
+    from cepdist.algos import checkpoint
+    path, errors = tmp_path / "c.pt", []
+
+    def writer(k):
+        try:
+            for i in range(40):
+                checkpoint.save(path, step=i, w=torch.full((2000,), float(k)))
+        except Exception as e:          # noqa: BLE001 (the test collects any failure)
+            errors.append(e)
+    ts = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert not errors, errors[:1]
+    assert checkpoint.load(path)["step"] == 39
+    assert not list(tmp_path.glob("*.tmp"))

@@ -76,3 +76,23 @@ def test_bad_study_input_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--tasks", "hopper-medum-v2"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "did you mean hopper-medium-v2" in r.stderr
+
+
+def test_a_replaced_dataset_file_gives_new_keys(tmp_path):
+    """Every key includes the dataset file's fingerprint (cached beside it by size and mtime); the plan shows
+    it; replacing the file under the same task name changes every stage key."""
+    from cepdist.data import datasets
+    from cepdist.envs.generate import generate
+    study = load_study(preset("smoke"), {"data_root": str(tmp_path), "store": str(tmp_path / "store"), "seeds": [0]})
+    p0 = plan(study)
+    assert p0["datasets"]["hopper-random-local"]["sha256"] is None
+    path = tmp_path / "hopper-random-local.hdf5"
+    generate("hopper-random-local", path, 300, seed=0)
+    (t1,) = trials(study)
+    assert t1.data == {"path": str(path), "sha256": datasets.fingerprint(path)}
+    assert (tmp_path / "hopper-random-local.hdf5.sha256.json").is_file()      # cached for the next run
+    assert plan(study)["datasets"]["hopper-random-local"]["sha256"] == t1.data["sha256"]
+    generate("hopper-random-local", path, 300, seed=1)                          # same task, other contents
+    (t2,) = trials(study)
+    assert t2.data["sha256"] != t1.data["sha256"]
+    assert all(t1.keys[k] != t2.keys[k] for k in t1.keys)

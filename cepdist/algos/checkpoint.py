@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,11 @@ import torch
 
 
 def save(path: str | os.PathLike, **payload: Any) -> Path:
-    """Write atomically (temporary file, then rename): a crash never leaves a truncated checkpoint."""
+    """Write atomically (a temporary file of a unique name, then rename): a crash never leaves a truncated
+    checkpoint, and two writers of the same path never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path

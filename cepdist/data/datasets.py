@@ -4,6 +4,7 @@ Everything ends in `cepdist.data.Transitions`, the format every stage consumes. 
 load, before any training, and every error names the file and the key."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -129,6 +130,31 @@ def summarize(arr: dict[str, np.ndarray], task: Task, path: Path | str = "") -> 
 # ---------------------------------------------------------------- D4RL cache and download
 def local_path(task: Task, root: Path | None = None) -> Path:
     return Path(root or d4rl_dir()) / task.filename
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits), cached beside it in `<file>.sha256.json` under its
+    size and modification time, so a rerun costs a stat; a read-only location just recomputes."""
+    path = Path(path)
+    st = path.stat()
+    cache = path.with_name(path.name + ".sha256.json")
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        c = json.loads(cache.read_text())
+        if {k: c.get(k) for k in stamp} == stamp:
+            return c["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    digest = h.hexdigest()[:16]
+    try:
+        cache.write_text(json.dumps({**stamp, "sha256": digest}))
+    except OSError:
+        pass
+    return digest
 
 
 def download(task: Task, root: Path | None = None, timeout: float = 60.0) -> Path:

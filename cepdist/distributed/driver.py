@@ -25,7 +25,7 @@ from ray.tune import Callback, Stopper
 from ..envs.generate import ensure_datasets
 from .results import write_table
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, hyper_id, store_path, trials
+from .study import StudyConfig, Trial, grid, hyper_id, store_path, trials
 from .tracking import MLflowTracker
 from .trials import behavior_phase, policy_phase, q_phase
 
@@ -215,7 +215,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     study = dataclasses.replace(study, store=store_path(study),
                                 data_root=str(Path(study.data_root).resolve()) if study.data_root else None)
-    all_trials = trials(study)                       # validates tasks and the grid before anything starts
+    grid(study)                                      # validates tasks and the grid before anything starts
     out = Path(out or Path("results") / study.name)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
@@ -223,6 +223,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
                  logging_level=logging.INFO if verbose else logging.ERROR)
     check_resources(study, ray.cluster_resources(), ray.nodes())
     ensure_datasets(study.tasks, study.data_root, study.dataset_rows, study.policy_dir)
+    all_trials = trials(study)                       # keys include each dataset file's fingerprint
     store = ArtifactStore(study.store)
     run_id = uuid.uuid4().hex                        # tags this invocation's stage executions
     tracker = MLflowTracker(study.mlflow_uri, study.name)

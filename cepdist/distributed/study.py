@@ -5,7 +5,7 @@ guidance scales together. Stages depend on subsets of a trial's config, and each
 stored once under a key derived from exactly what it depends on (settings that change no result, such as
 log intervals, are left out):
 
-    behavior    ← dataset, seed, behaviour config (with its noise schedule)
+    behavior    ← dataset (task and the SHA-256 of its file), seed, behaviour config (with its noise schedule)
     support     ← behavior key, K, solver
     q           ← support key, Q config (with the reward rule)
     energy      ← q key, energy config (method, β, ...), snapshot interval     (none for dps)
@@ -24,6 +24,7 @@ from typing import Any
 
 from ..algos.qgpo.config import NOT_IN_KEY, QGPOConfig
 from ..config import from_dict, merge, replace, to_dict
+from ..data.datasets import fingerprint, local_path
 from ..data.tasks import get_task
 from .store import ArtifactStore, stage_key
 from .tracking import DEFAULT_URI
@@ -99,6 +100,7 @@ class Trial:
     eval_steps: tuple[int, ...]      # training steps of the policy's last stage evaluated (energy; q for dps)
     config: QGPOConfig
     keys: dict[str, str]             # stage → key (no "energy" for dps)
+    data: dict[str, Any]             # the dataset file: path and sha256 (None while it does not exist)
 
     @property
     def hyper(self) -> dict[str, Any]:
@@ -118,9 +120,17 @@ def _key_cfg(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY}
 
 
-def make_trial(study: StudyConfig, hyper: dict[str, Any]) -> Trial:
-    """The typed trial of one point of the grid, with its resolved config and stage keys."""
+def dataset_file(study: StudyConfig, task_name: str) -> dict[str, Any]:
+    """Where a task's dataset lives for this study and its content fingerprint (None while it is missing)."""
+    path = local_path(get_task(task_name), Path(study.data_root) if study.data_root else None)
+    return {"path": str(path), "sha256": fingerprint(path) if path.is_file() else None}
+
+
+def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] | None = None) -> Trial:
+    """The typed trial of one point of the grid, with its resolved config and stage keys. The dataset's
+    fingerprint is part of every key: a replaced file gives new keys."""
     task = get_task(hyper["task"])
+    data = data or dataset_file(study, task.name)
     seed, K = int(hyper["seed"]), hyper["K"] or task.K
     b = study.base
     cfg = replace(b, **{"seed": seed, "support.K": K, "support.solver.steps": hyper["steps"],
@@ -130,7 +140,8 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any]) -> Trial:
         cfg = replace(cfg, **{"energy.ckpt_every": study.eval_every})
     scales = tuple(float(w) for w in (study.scales or task.guidance_scales))
     max_steps = study.eval_max_steps or task.episode_length
-    data_id = {"task": task.name, "rows": (study.dataset_rows or 1_000_000) if task.local else None}
+    data_id = {"task": task.name, "rows": (study.dataset_rows or 1_000_000) if task.local else None,
+               "sha256": data["sha256"]}
     keys = {"behavior": stage_key("behavior", {"data": data_id, "seed": seed, "cfg": _key_cfg(cfg.behavior)})}
     keys["support"] = stage_key("support", {"behavior": keys["behavior"], "seed": seed, "cfg": _key_cfg(cfg.support)})
     keys["q"] = stage_key("q", {"support": keys["support"], "seed": seed, "cfg": _key_cfg(cfg.q)})
@@ -149,7 +160,7 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any]) -> Trial:
     every = study.eval_every if cfg.energy.method != "dps" else 0
     eval_steps = tuple(range(every, total, every)) + (total,) if every else (total,)
     return Trial(task.name, seed, cfg.energy.beta, K, hyper["steps"], cfg.energy.method, scales, max_steps,
-                 eval_steps, cfg, keys)
+                 eval_steps, cfg, keys, data)
 
 
 def grid(study: StudyConfig) -> list[dict[str, Any]]:
@@ -169,7 +180,8 @@ def grid(study: StudyConfig) -> list[dict[str, Any]]:
 
 
 def trials(study: StudyConfig) -> list[Trial]:
-    return [make_trial(study, h) for h in grid(study)]
+    data = {name: dataset_file(study, name) for name in study.tasks}
+    return [make_trial(study, h, data[h["task"]]) for h in grid(study)]
 
 
 # ---------------------------------------------------------------- the plan
@@ -189,13 +201,18 @@ def plan(study: StudyConfig) -> dict[str, Any]:
             e["trials"] += 1
     counts = {s: sum(1 for e in stages.values() if e["stage"] == s) for s in STAGES}
     stored = {s: sum(1 for e in stages.values() if e["stage"] == s and e["stored"]) for s in STAGES}
-    return {"study": study.name, "store": store.uri, "trials": [{**t.hyper, "keys": t.keys} for t in ts],
+    datasets = {t.task: t.data for t in ts}
+    return {"study": study.name, "store": store.uri, "datasets": datasets,
+            "trials": [{**t.hyper, "keys": t.keys} for t in ts],
             "stages": list(stages.values()), "counts": counts, "stored": stored}
 
 
 def format_plan(p: dict[str, Any]) -> str:
-    lines = [f"study {p['study']}: {len(p['trials'])} trials; store {p['store']}", "",
-             "stage       distinct  stored  to run"]
+    lines = [f"study {p['study']}: {len(p['trials'])} trials; store {p['store']}", ""]
+    for task, d in p["datasets"].items():
+        lines.append(f"dataset {task}: {d['path']} " + (f"(sha256 {d['sha256']})" if d["sha256"] else
+                     "(missing: generated or required when the study runs; the keys then include its fingerprint)"))
+    lines += ["", "stage       distinct  stored  to run"]
     for s in STAGES:
         lines.append(f"{s:11s} {p['counts'][s]:8d} {p['stored'][s]:7d} {p['counts'][s] - p['stored'][s]:7d}")
     lines += ["", f"{'task':32s} {'seed':>4s} {'β':>6s} {'K':>3s} {'steps':>5s} {'method':6s}  stage keys"]

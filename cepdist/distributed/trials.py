@@ -34,7 +34,7 @@ from ..data import datasets
 from ..data.transitions import Transitions
 from .pool import EvalPool, policy_payload
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, hyper_id
+from .study import StudyConfig, Trial, dataset_file, hyper_id
 from .train import PERMANENT, run_data_parallel
 
 log = logging.getLogger("cepdist")
@@ -101,7 +101,8 @@ def run_stage(ctx: Context, stage: str, fn: StageFn, data_parallel: bool = True)
         fn(SINGLE, path, None, ctx.device)
     ctx.store.put_file(key, path)
     seconds = time.perf_counter() - t0
-    ctx.store.record_execution(key, {"stage": stage, "run": ctx.run_id, "trial": ctx.trial.label, "seconds": seconds})
+    ctx.store.record_execution(key, {"stage": stage, "run": ctx.run_id, "trial": ctx.trial.label, "seconds": seconds,
+                                     "dataset": ctx.trial.data})
     ctx.event(event="done", seconds=seconds)
 
 
@@ -254,6 +255,10 @@ def _run(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: str,
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     ctx = Context(study, units[hyper_id(config["trial"])], run_id)
     try:
+        now = dataset_file(study, ctx.trial.task)
+        if now["sha256"] != ctx.trial.data["sha256"]:
+            raise ValueError(f"{now['path']}: the dataset changed after the study computed its keys "
+                             f"(sha256 {ctx.trial.data['sha256']} → {now['sha256']}); run the study again")
         for stage in stages:
             stage(ctx)
     except PERMANENT as e:                    # a retry cannot fix it: report once, end the trial
