@@ -81,7 +81,9 @@ def study_layers(args) -> list[dict]:
         except OSError as e:
             raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ValueError(f"--config {where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(layers[-1], dict):
             raise ValueError(f"--config {path}: expected a mapping of StudyConfig fields, "
                              f"got {type(layers[-1]).__name__}")

@@ -27,17 +27,61 @@ def to_dict(cfg) -> dict[str, Any]:
     return conv(cfg)
 
 
-def _strip_optional(tp):
-    """X | None → X (the field accepts None besides X)."""
+def _optional(tp) -> tuple[Any, bool]:
+    """(X, True) for X | None; (tp, False) otherwise."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
-    return tp
+            return args[0], True
+    return tp, False
+
+
+def _number(v) -> float | None:
+    """v as a float if it is a number or a string that spells one (YAML 1.1 reads `1e3` as a string)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _convert(tp, v, path: str):
+    """v checked against the declared type tp (int, float, str, bool, tuple[T, ...]) and converted."""
+    def bad(expected):
+        return ValueError(f"config key {path}: expected {expected}, got {v!r} ({type(v).__name__})")
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise bad("true or false")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not (isinstance(v, int) or (_number(v) is not None and _number(v).is_integer())):
+            raise bad("an integer")
+        return int(_number(v)) if not isinstance(v, int) else v
+    if tp is float:
+        x = _number(v)
+        if x is None:
+            raise bad("a number")
+        return x
+    if tp is str:
+        if not isinstance(v, str):
+            raise bad("a string")
+        return v
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise bad("a list")
+        elem = typing.get_args(tp)[0]
+        return tuple(_convert(elem, x, f"{path}[{i}]") for i, x in enumerate(v))
+    return v
 
 
 def from_dict(cls, d: dict[str, Any] | None, where: str = ""):
-    """Build dataclass `cls` from a (possibly partial) dict; unknown keys raise with their path."""
+    """Build dataclass `cls` from a (possibly partial) dict. Unknown keys, values of the wrong type and
+    None for a field that does not accept it raise with the key's dotted path."""
     if d is not None and not isinstance(d, dict):
         raise ValueError(f"config section {where.rstrip('.') or cls.__name__} must be a mapping, "
                          f"got {type(d).__name__}")
@@ -50,17 +94,16 @@ def from_dict(cls, d: dict[str, Any] | None, where: str = ""):
                          f"expected some of: {', '.join(sorted(names))}")
     kwargs = {}
     for k, v in d.items():
-        tp = _strip_optional(hints[k])
+        tp, nullable = _optional(hints[k])
         if v is None:
+            if not nullable:
+                raise ValueError(f"config key {where}{k}: a value is required (it has no default that depends "
+                                 "on context)")
             kwargs[k] = None
         elif dataclasses.is_dataclass(tp):
             kwargs[k] = v if isinstance(v, tp) else from_dict(tp, v, where=f"{where}{k}.")
-        elif typing.get_origin(tp) is tuple and isinstance(v, (list, tuple)):
-            kwargs[k] = tuple(v)
-        elif tp is float and isinstance(v, int) and not isinstance(v, bool):
-            kwargs[k] = float(v)
         else:
-            kwargs[k] = v
+            kwargs[k] = _convert(tp, v, f"{where}{k}")
     return cls(**kwargs)
 
 

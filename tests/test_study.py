@@ -96,3 +96,40 @@ def test_a_replaced_dataset_file_gives_new_keys(tmp_path):
     (t2,) = trials(study)
     assert t2.data["sha256"] != t1.data["sha256"]
     assert all(t1.keys[k] != t2.keys[k] for k in t1.keys)
+
+
+@pytest.mark.parametrize("layer,message", [
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"seeds": -2}, "config key seeds: expected a list, got -2"),
+    ({"Ks": [-8]}, "Ks must be a non-empty list of integers ≥ 2"),
+    ({"scales": [1, "x"]}, r"config key scales\[1\]: expected a number, got 'x'"),
+    ({"base": {"behavior": {"lr": "fast"}}}, "config key base.behavior.lr: expected a number"),
+    ({"base": {"q": {"gamma": 2}, "behavior": {"lr": -1}}}, r"base.behavior.lr must be > 0; base.q.gamma must be in"),
+    ({"base": {"energy": {"beta": 10}}, "betas": [1, 3]}, "base.energy.beta is set per trial by the study's `betas`"),
+    ({"base": {"sampler": {"steps": 3}}}, "base.sampler.steps is set per trial by the study's `solver_steps`.*--steps"),
+    ({"base": {"seed": 4}}, "base.seed is set per trial by the study.s `seeds`"),
+    ({"base": {"energy": {"beta": 2}}, "betas": [1, 3]}, "set `betas:` or --betas instead"),
+])
+def test_the_config_validator_names_the_key_and_what_is_allowed(layer, message):
+    with pytest.raises(ValueError, match=message):
+        load_study(preset("local"), layer)
+
+
+def test_numbers_written_as_strings_and_full_dumps_are_accepted():
+    s = load_study(preset("smoke"), {"base": {"behavior": {"lr": "1e3"}}})      # YAML 1.1 reads 1e3 as a string
+    assert s.base.behavior.lr == 1000.0
+    local = preset("local")
+    assert load_study(local, to_dict(local)) == local        # a dumped study runs again unchanged
+
+
+def test_yaml_errors_name_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: [0, 1]\nbase:\n  energy: {beta: [}\n")
+    r = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--config", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"{bad}:3:" in r.stderr and "Traceback" not in r.stderr
+    top = tmp_path / "list.yaml"
+    top.write_text("- seeds\n")
+    r = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--config", str(top)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "expected a mapping of StudyConfig fields, got list" in r.stderr

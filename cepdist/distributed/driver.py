@@ -25,7 +25,7 @@ from ray.tune import Callback, Stopper
 from ..envs.generate import ensure_datasets
 from .results import write_table
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, grid, hyper_id, store_path, trials
+from .study import StudyConfig, Trial, grid, hyper_id, store_path, trials, validate
 from .tracking import MLflowTracker
 from .trials import behavior_phase, policy_phase, q_phase
 
@@ -215,7 +215,8 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     study = dataclasses.replace(study, store=store_path(study),
                                 data_root=str(Path(study.data_root).resolve()) if study.data_root else None)
-    grid(study)                                      # validates tasks and the grid before anything starts
+    validate(study)                                  # types were checked on load; ranges before anything starts
+    grid(study)
     out = Path(out or Path("results") / study.name)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():

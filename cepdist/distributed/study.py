@@ -76,14 +76,70 @@ class StudyConfig:
                 "steps": self.solver_steps or (b.sampler.steps,), "method": self.methods or (b.energy.method,)}
 
 
+# base-config values that the grid sets per trial → the study field that sets them
+GRID_SETS = {("seed",): "seeds", ("support", "K"): "Ks", ("support", "solver", "steps"): "solver_steps",
+             ("sampler", "steps"): "solver_steps", ("energy", "beta"): "betas", ("energy", "method"): "methods"}
+
+
 def load_study(preset: StudyConfig, *layers: dict[str, Any] | None) -> StudyConfig:
-    """preset + YAML + flags, merged deeply in that order (a partial section changes only its keys)."""
-    d = to_dict(preset)
+    """preset + YAML + flags, merged deeply in that order (a partial section changes only its keys), then
+    validated: types, ranges, and no base value that the grid would silently override (a layer that sets,
+    e.g., base.energy.beta to a value outside `betas` is an error naming `betas`)."""
+    def at(d, path):
+        for p in ("base",) + path:
+            d = d.get(p) if isinstance(d, dict) else None
+        return d
+
+    d, changed = to_dict(preset), set()
     for layer in layers:
         if layer is not None and not isinstance(layer, dict):
             raise ValueError(f"a study config must be a mapping of StudyConfig fields, got {type(layer).__name__}")
-        d = merge(d, layer)
-    return from_dict(StudyConfig, d)
+        new = merge(d, layer)
+        changed |= {path for path in GRID_SETS if at(layer, path) is not None and at(new, path) != at(d, path)}
+        d = new
+    study = validate(from_dict(StudyConfig, d))
+    for path in sorted(changed):               # a base value set by a layer that no trial would use
+        axis = GRID_SETS[path]
+        if getattr(study, axis) is not None and at(d, path) not in getattr(study, axis):
+            flag = "--" + {"solver_steps": "steps"}.get(axis, axis).replace("_", "-")
+            raise ValueError(f"base.{'.'.join(path)} is set per trial by the study's `{axis}` "
+                             f"({list(getattr(study, axis))}); set `{axis}:` or {flag} instead")
+    return study
+
+
+def validate(study: StudyConfig) -> StudyConfig:
+    """The study's ranges (its field types were checked on load); one error listing every violation."""
+    from ..algos.qgpo.config import check
+    from ..core.guidance import METHODS
+    errors = []
+
+    def need(ok, key, allowed):
+        if not ok:
+            errors.append(f"{key} must be {allowed}")
+    need(len(study.tasks) > 0, "tasks", "a non-empty list")
+    for t in study.tasks:
+        get_task(t)
+    need(len(study.seeds) > 0 and min(study.seeds) >= 0, "seeds", "a non-empty list of integers ≥ 0")
+    for axis, ok, allowed in (("Ks", lambda k: k >= 2, "integers ≥ 2"), ("betas", lambda b: b > 0, "numbers > 0"),
+                              ("solver_steps", lambda n: n >= 1, "integers ≥ 1"),
+                              ("methods", lambda m: m in METHODS, f"some of {', '.join(METHODS)}"),
+                              ("scales", lambda w: w >= 0, "numbers ≥ 0")):
+        v = getattr(study, axis)
+        need(v is None or (len(v) > 0 and all(ok(x) for x in v)), axis, f"a non-empty list of {allowed} (or unset)")
+    need(study.mode in ("grid", "sensitivity"), "mode", "'grid' or 'sensitivity'")
+    need(study.eval_episodes >= 1, "eval_episodes", "≥ 1")
+    need(study.validation_episodes >= 0, "val_episodes", "≥ 0")
+    need(study.eval_every >= 0, "eval_every", "≥ 0 (0: evaluate at the end only)")
+    need(study.eval_max_steps is None or study.eval_max_steps >= 1, "eval_max_steps", "≥ 1 (or unset)")
+    need(study.eval_actors >= 0 and study.train_workers >= 0, "eval_actors and train_workers", "≥ 0")
+    need(study.train_worker_cpus > 0 and study.trial_cpus > 0, "train_worker_cpus and trial_cpus", "> 0")
+    need(study.dataset_rows is None or study.dataset_rows >= 1, "dataset_rows", "≥ 1 (or unset)")
+    need(study.max_failures >= 0, "max_failures", "≥ 0")
+    need(study.max_concurrent is None or study.max_concurrent >= 1, "max_concurrent", "≥ 1 (or unset)")
+    errors += check(study.base, "base.")
+    if errors:
+        raise ValueError("invalid study config: " + "; ".join(errors))
+    return study
 
 
 # ---------------------------------------------------------------- trials and their keys

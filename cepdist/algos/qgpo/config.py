@@ -85,3 +85,45 @@ class QGPOConfig:
     q: QConfig = field(default_factory=QConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     sampler: SolverConfig = field(default_factory=SolverConfig)
+
+
+def check(cfg: QGPOConfig, where: str = "") -> list[str]:
+    """Every range violation of a QGPO config, each naming its dotted key and what is allowed."""
+    from ...core.guidance import METHODS
+    errors = []
+
+    def need(ok: bool, key: str, allowed: str):
+        if not ok:
+            errors.append(f"{where}{key} must be {allowed}")
+
+    def solver(s: SolverConfig, key: str):
+        need(s.steps >= 1, f"{key}.steps", "≥ 1")
+        need(s.order in (1, 2, 3), f"{key}.order", "1, 2 or 3")
+        need(s.method in ("singlestep", "multistep"), f"{key}.method", "'singlestep' or 'multistep'")
+        need(s.spacing in ("time_uniform", "logSNR"), f"{key}.spacing", "'time_uniform' or 'logSNR'")
+        need(s.grid in ("fine", "outer"), f"{key}.grid", "'fine' or 'outer'")
+        need(s.update in ("dpmsolver", "taylor"), f"{key}.update", "'dpmsolver' or 'taylor'")
+
+    for name in ("behavior", "q", "energy"):
+        c = getattr(cfg, name)
+        need(c.steps >= 1, f"{name}.steps", "≥ 1")
+        need(c.batch_size >= 1, f"{name}.batch_size", "≥ 1")
+        need(c.lr > 0, f"{name}.lr", "> 0")
+        need(c.log_every >= 1 and c.ckpt_every >= 1, f"{name}.log_every and {name}.ckpt_every", "≥ 1")
+    b = cfg.behavior
+    need(len(b.widths) > 0 and min(b.widths) >= 1, "behavior.widths", "a non-empty list of widths ≥ 1")
+    need(b.precision in ("fp32", "bf16"), "behavior.precision", "'fp32' or 'bf16'")
+    need(0 < b.schedule.beta_min < b.schedule.beta_max, "behavior.schedule", "0 < beta_min < beta_max")
+    need(cfg.support.K is None or cfg.support.K >= 2, "support.K", "≥ 2 (or unset: the task's)")
+    need(cfg.support.batch_states >= 1, "support.batch_states", "≥ 1")
+    solver(cfg.support.solver, "support.solver")
+    solver(cfg.sampler, "sampler")
+    need(len(cfg.q.hidden) > 0 and len(cfg.energy.hidden) > 0, "q.hidden and energy.hidden", "non-empty")
+    need(0 < cfg.q.gamma <= 1, "q.gamma", "in (0, 1]")
+    need(0 < cfg.q.tau <= 1, "q.tau", "in (0, 1]")
+    need(cfg.q.beta_q >= 0, "q.beta_q", "≥ 0")
+    need(cfg.q.reward in (None, "locomotion", "antmaze", "none"), "q.reward",
+         "'locomotion', 'antmaze', 'none' (or unset: the task's)")
+    need(cfg.energy.method in METHODS, "energy.method", f"one of {', '.join(METHODS)}")
+    need(cfg.energy.beta > 0, "energy.beta", "> 0")
+    return errors

@@ -13,7 +13,7 @@ from ...core.guidance import Guidance, check_method, guided_sample, make_guidanc
 from ...core.nets import EnergyNet, ScoreNet, TwinQ
 from ...data.transitions import Transitions
 from ..loop import Callback
-from .config import QGPOConfig, SolverConfig
+from .config import QGPOConfig, SolverConfig, check
 from .stages import (generate_support, load_behavior, load_energy, load_q, plan_for, seed_generator, train_behavior,
                      train_energy, train_q)
 
@@ -71,6 +71,9 @@ def load_policy(behavior, method: str, *, energy=None, q=None, beta: float | Non
 def run_qgpo(cfg: QGPOConfig, data: Transitions, out_dir: Path | None = None,
              callback: Callback | None = None) -> GuidedPolicy:
     """All stages in order on one process; with out_dir, every stage checkpoints there and resumes."""
+    errors = check(cfg)
+    if errors:
+        raise ValueError("invalid QGPO config: " + "; ".join(errors))
     path = (lambda name: Path(out_dir) / name) if out_dir is not None else (lambda name: None)
     behavior = train_behavior(cfg.behavior, data.obs, data.actions, seed=cfg.seed, ckpt_path=path("behavior.pt"),
                               callback=callback)
