@@ -157,3 +157,29 @@ def test_reward_preprocessing():
     one = Transitions.from_numpy(np.zeros((2, 1)), np.zeros((2, 1)), [1, 1], np.zeros((2, 1)), [0, 0], [0, 1])
     with pytest.raises(ValueError, match="two complete episodes"):
         preprocess_rewards(one, "locomotion")
+
+
+def test_a_diverging_loss_fails_the_stage_and_a_retry_keeps_the_last_good_checkpoint(tmp_path):
+    """Q at lr 1e3 stays finite but explodes: the divergence guard (loss over 1e6× its first logged value)
+    stops it like a non-finite loss. A resumed run that then fails names the checkpoint it resumed from."""
+    from cepdist.algos.loop import DivergedLossError
+    data, _ = bandit_dataset(1000)
+    cfg = small_cfg(**{"q.steps": 400, "q.log_every": 20, "q.ckpt_every": 100, "behavior.steps": 20})
+    sup = generate_support(cfg.support, train_behavior(cfg.behavior, data.obs, data.actions), data)
+    with pytest.raises(DivergedLossError, match=r"q: q_loss diverged to .* over 1e\+06× its value at the first step"):
+        train_q(replace(cfg.q, lr=1e3), data, sup)
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, step, metrics, ckpt):
+        if step == 120:
+            raise Stop
+    ck = tmp_path / "q.pt"
+    with pytest.raises(Stop):
+        train_q(cfg.q, data, sup, ckpt_path=ck, callback=stop)
+
+    def poison(stage, step, metrics, ckpt):
+        data.rewards[:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint: .*q\.pt \(step 100\)"):
+        train_q(cfg.q, data, sup, ckpt_path=ck, callback=poison)

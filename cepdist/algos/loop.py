@@ -27,6 +27,15 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class DivergedLossError(NonFiniteLossError):
+    """A loss still finite but far above its own early scale: the run has diverged all the same."""
+
+
+# a loss logged above this multiple of max(its value at the first step, 1) is treated as divergence (a
+# learning rate of 1e3 drives Q's loss from ~1 to ~1e22 within 20 steps; healthy losses stay within ~100×)
+DIVERGENCE_FACTOR = 1e6
+
+
 class Loop:
     def __init__(self, stage: str, total: int, names: tuple[str, ...], device, log_every: int,
                  ckpt_every: int, ckpt_path: Path | None, snapshot: Callable[[int], dict],
@@ -39,9 +48,13 @@ class Loop:
         self.step, self.start = start, start
         self.t0 = self.t_last = time.perf_counter()
         self.step_last = start
-        self.last_good_step: int | None = None
+        # a resumed run's last good checkpoint is the one it resumed from
+        self.last_good_step: int | None = start if start > 0 else None
+        self.first: dict[str, float] = {}            # each loss at this run's first step (one host sync)
 
     def record(self, i: int, value: torch.Tensor):
+        if "loss" in self.names[i] and self.names[i] not in self.first:
+            self.first[self.names[i]] = float(value.detach())
         self.acc[i] += value.detach().double()
         self.count[i] += 1
 
@@ -63,11 +76,17 @@ class Loop:
         self.acc.zero_(); self.count.zero_()
         metrics = {n: s / c for n, s, c in zip(self.names, sums, counts) if c > 0}
         bad = [n for n, v in metrics.items() if not math.isfinite(v)]
+        where = f"; last good checkpoint: {self.ckpt_path} (step {self.last_good_step})" \
+            if self.last_good_step is not None else "; no checkpoint was written yet"
         if bad:
-            where = f"; last good checkpoint: {self.ckpt_path} (step {self.last_good_step})" \
-                if self.last_good_step is not None else "; no checkpoint was written yet"
             raise NonFiniteLossError(f"{self.stage}: non-finite {', '.join(bad)} between steps "
                                      f"{self.step_last} and {self.step}{where}")
+        for n, first in self.first.items():
+            v = metrics.get(n, 0.0)
+            if v > DIVERGENCE_FACTOR * max(first, 1.0):
+                raise DivergedLossError(f"{self.stage}: {n} diverged to {v:.3g} between steps {self.step_last} and "
+                                        f"{self.step}, over {DIVERGENCE_FACTOR:.0e}× its value at the first step "
+                                        f"({first:.3g}){where}")
         now = time.perf_counter()
         rate = (self.step - self.step_last) / max(now - self.t_last, 1e-9)
         eta = (self.total - self.step) / max(rate, 1e-9)
