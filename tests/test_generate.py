@@ -74,3 +74,37 @@ def test_generated_walker_data_records_its_model_and_stale_files_are_refused(tmp
     with pytest.raises(DatasetError, match=r"generated under the 'default' model.*cepdist data generate --task "
                                            r"walker2d-random-local"):
         ensure_datasets([task.name], str(tmp_path))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_agent_files_load_through_a_restricted_unpickler(tmp_path):
+    """A crafted vecnormalize.pkl or a crafted entry of an SB3 zip (which SB3 would hand to cloudpickle) is
+    refused before anything in it runs, naming the file and what it tried to load."""
+    import base64
+    import json
+    import pickle
+    import zipfile
+    from cepdist.envs.generate import RestrictedUnpickler, load_agent
+    with pytest.raises(ValueError, match=r"evil\.pkl: refuses to load (posix|os)\.system"):
+        RestrictedUnpickler(pickle.dumps(_Evil()), str(tmp_path / "evil.pkl")).load()
+    arr = np.arange(3.0)
+    assert np.array_equal(RestrictedUnpickler(pickle.dumps({"a": arr}), "ok").load()["a"], arr)
+    if not ZOO.is_dir():
+        pytest.skip("pretrained agents not available (set CEPDIST_POLICY_DIR)")
+    src = ZOO / "sac" / "Hopper-v3_1" / "Hopper-v3.zip"
+    bad = tmp_path / "Hopper-v3.zip"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.namelist():
+            blob = zin.read(item)
+            if item == "data":
+                data = json.loads(blob)
+                data["ep_info_buffer"][":serialized:"] = base64.b64encode(pickle.dumps(_Evil())).decode()
+                blob = json.dumps(data).encode()
+            zout.writestr(item, blob)
+    from stable_baselines3 import SAC
+    with pytest.raises(ValueError, match=r"Hopper-v3\.zip \(ep_info_buffer\): refuses to load (posix|os)\.system"):
+        load_agent(SAC, bad, {"lr_schedule": lambda _: 0.0, "replay_buffer_class": None})

@@ -8,12 +8,15 @@ level (a mix of weaker agents and noise). The tasks are registered as `<env>-<le
 kind to D4RL, never mistaken for it."""
 from __future__ import annotations
 
+import base64
 import importlib
 import io
+import json
 import logging
 import os
 import pickle
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +73,51 @@ def policy_dir(explicit: str | os.PathLike | None = None) -> Path:
     return p
 
 
-class _GymToGymnasium(pickle.Unpickler):
-    """vecnormalize.pkl files were pickled under `gym`; map those modules to `gymnasium`."""
+# The trust boundary for agent files: their pickled parts (vecnormalize.pkl, the cloudpickled entries of an
+# SB3 zip's "data") may name only classes from these packages plus numpy's array reconstructors; anything else
+# — a function such as os.system or builtins.eval, a code object — is refused before it is called.
+SAFE_CLASS_MODULES = ("stable_baselines3.", "sb3_contrib.", "gymnasium.spaces.", "torch.nn.modules.", "torch.optim.",
+                      "collections")
+SAFE_GLOBALS = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("numpy.random._pickle", "__randomstate_ctor"),
+                ("numpy.random._pickle", "__bit_generator_ctor"), ("numpy.random._mt19937", "MT19937"),
+                ("numpy.random.mtrand", "RandomState"), ("torch", "float32"), ("builtins", "dict"),
+                ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"), ("builtins", "float"),
+                ("builtins", "int"), ("builtins", "bool"), ("builtins", "str")}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only SAFE_GLOBALS and classes of SAFE_CLASS_MODULES (`gym` is read as `gymnasium`)."""
+
+    def __init__(self, data: bytes, source: str):
+        super().__init__(io.BytesIO(data))
+        self.source = source
 
     def find_class(self, module, name):
         if module == "gym" or module.startswith("gym."):
             module = "gymnasium" + module[3:]
-        return super().find_class(module, name)
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith(SAFE_CLASS_MODULES):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):
+                return obj
+        raise ValueError(f"{self.source}: refuses to load {module}.{name} (an agent file may contain only data and "
+                         "the classes of a policy and its normaliser)")
+
+
+def load_agent(model_cls, archive: Path, custom_objects: dict):
+    """An SB3 model whose cloudpickled entries all go through RestrictedUnpickler first (SB3 then unpickles
+    nothing itself; its .pth files load with weights_only)."""
+    with zipfile.ZipFile(archive) as z:
+        data = json.loads(z.read("data"))
+    objects = dict(custom_objects)
+    for key, v in data.items():
+        if isinstance(v, dict) and ":serialized:" in v and key not in objects:
+            objects[key] = RestrictedUnpickler(base64.b64decode(v[":serialized:"]), f"{archive} ({key})").load()
+    return model_cls.load(archive, device="cpu", custom_objects=objects)
 
 
 class AgentPolicy:
@@ -92,14 +133,14 @@ class AgentPolicy:
             raise ValueError(f"agent file not found: {archive}")
         mod, cls = ALGOS[algo]
         model_cls = getattr(importlib.import_module(mod), cls)
-        self.model = model_cls.load(archive, device="cpu", custom_objects={
+        self.model = load_agent(model_cls, archive, {
             "observation_space": observation_space, "action_space": action_space, "learning_rate": 0.0,
-            "lr_schedule": lambda _: 0.0, "delta_std_schedule": lambda _: 0.0, "replay_buffer_class": None})
+            "lr_schedule": lambda _: 0.0, "delta_std_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0,
+            "replay_buffer_class": None, "weights": None})    # ARS's training-time copy of the policy's parameters
         self.norm = None
         vn = folder / f"{zoo}-v3" / "vecnormalize.pkl"
         if vn.is_file():
-            with open(vn, "rb") as f:
-                v = _GymToGymnasium(io.BytesIO(f.read())).load()
+            v = RestrictedUnpickler(vn.read_bytes(), str(vn)).load()
             self.norm = (v.obs_rms.mean, np.sqrt(v.obs_rms.var + v.epsilon), v.clip_obs)
         self.name = f"{algo}:{archive}"
 
