@@ -71,3 +71,26 @@ def test_a_deterministic_failure_stops_the_study_at_the_first_attempt_with_one_l
     assert "Traceback" not in out and "retrying" not in out, out
     assert len(out.splitlines()) < 15, out
     assert ArtifactStore(study.store).executions() == []
+
+
+def test_two_studies_at_once_on_one_store_compute_each_stage_once(tmp_path):
+    """Two studies started together on one store (each with its own Ray and MLflow): every stage key is
+    executed once, the other study waits for it, and both get the same results."""
+    import pandas as pd
+    procs = []
+    for name in ("conc-a", "conc-b"):
+        study = tiny_study(tmp_path, name, seeds=(0,))
+        cfg = {**to_dict(study), "mlflow_uri": f"sqlite:///{tmp_path}/{name}.db"}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        procs.append(subprocess.Popen([sys.executable, "-m", "cepdist", "study", "run", "--config",
+                                       str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)],
+                                      cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": "local"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(outs)
+    counts = {}
+    for e in ArtifactStore(study.store).executions():
+        counts[e["key"]] = counts.get(e["key"], 0) + 1
+    assert len(counts) == 5 and set(counts.values()) == {1}, counts
+    a, b = (pd.read_parquet(tmp_path / n / "results.parquet") for n in ("conc-a", "conc-b"))
+    assert a.drop(columns="study").equals(b.drop(columns="study"))

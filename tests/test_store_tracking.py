@@ -76,3 +76,30 @@ def test_concurrent_checkpoint_saves_of_one_path_never_collide(tmp_path):
     assert not errors, errors[:1]
     assert checkpoint.load(path)["step"] == 39
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_stage_is_computed_under_one_lease_and_a_stale_lease_is_taken_over(tmp_path):
+    import json
+    import threading
+    import time
+    st = ArtifactStore(tmp_path / "store")
+    seen = []
+
+    def study(name):
+        with st.lease("q-abc", done="result.json", poll_s=0.02) as mine:
+            seen.append(mine)
+            if mine:
+                time.sleep(0.3)
+                st.put_json("q-abc", {"done": name})
+    ts = [threading.Thread(target=study, args=(i,)) for i in range(3)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert sorted(seen) == [False, False, True]                      # one computes, the others wait
+    assert not (tmp_path / "store" / "q-abc" / "lease.json").exists()
+    # a crashed holder's lease (not refreshed for longer than LEASE_STALE_S) is taken over at once
+    (tmp_path / "store" / "q-dead").mkdir()
+    (tmp_path / "store" / "q-dead" / "lease.json").write_text(json.dumps({"holder": "x", "refreshed": 0}))
+    t0 = time.time()
+    with st.lease("q-dead", poll_s=0.02) as mine:
+        assert mine
+    assert time.time() - t0 < 1

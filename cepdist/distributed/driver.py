@@ -116,6 +116,8 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             stage = result.get("stage", "?")
             if ev == "start":
                 self.running[trial.trial_id] = stage
+            elif ev == "waiting":
+                log.info("%-10s wait  %s: another study is computing it", stage, t.label)
             elif ev == "done":
                 self.running.pop(trial.trial_id, None)
                 log.info("%-10s done  %s (%s)", stage, t.label, _fmt(result.get("seconds", 0)))

@@ -3,17 +3,32 @@
 A stage's artifact lives under a key derived from exactly the config it depends on (including the keys
 of its upstream artifacts), so every trial that needs it — in this study, a later one, or a resumed
 one — finds it instead of recomputing it. Writes go to a temporary name and are moved into place, so
-a reader never sees a partial artifact. Every execution of a stage is recorded (for accounting)."""
+a reader never sees a partial artifact. Every execution of a stage is recorded (for accounting).
+
+Studies that share a store compute each stage once: a stage is computed under a lease (`lease`), a small
+file created atomically beside the artifact whose holder refreshes it while it works; another study that
+needs the same stage waits for the artifact instead of computing it, and takes the lease over only once it
+has gone stale (its holder crashed), after LEASE_STALE_S seconds without a refresh. The exclusive create is
+atomic on local and NFS-like filesystems; object stores (s3://, gs://) have no exclusive create, so there two
+concurrent studies may still race (the artifact they write is the same)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+
+
+LEASE_STALE_S = 120.0         # a lease not refreshed for this long belongs to a crashed holder
+LEASE_REFRESH_S = 20.0
 
 
 def stage_key(stage: str, config: dict[str, Any]) -> str:
@@ -63,6 +78,76 @@ class ArtifactStore:
     def get_json(self, key: str, name: str = "result.json") -> Any:
         with self.fs.open_input_stream(self._path(key, name)) as f:
             return json.loads(f.read().decode())
+
+    # ------------------------------------------------------------ leases
+    def _try_create(self, path: str, payload: bytes) -> bool:
+        """Create `path` only if it does not exist (atomic where the filesystem allows)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            return True
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            return False
+        with self.fs.open_output_stream(path) as f:
+            f.write(payload)
+        return True
+
+    def _lease_age(self, path: str) -> float | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return time.time() - float(json.loads(f.read().decode())["refreshed"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    @contextlib.contextmanager
+    def lease(self, key: str, done: str = "artifact.pt", poll_s: float = 1.0, on_wait=None):
+        """Hold the lease to compute `key`, or wait while another holder computes it.
+
+        Yields True when the caller should compute (it holds the lease, refreshed in the background) and
+        False when the artifact (`done`) appeared while waiting. A stale lease is taken over."""
+        self.fs.create_dir(self._path(key), recursive=True)
+        path = self._path(key, "lease.json")
+        me = {"holder": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"}
+
+        def payload():
+            return json.dumps({**me, "refreshed": time.time()}).encode()
+        waited = False
+        while not self._try_create(path, payload()):
+            if self.exists(key, done):
+                yield False
+                return
+            age = self._lease_age(path)
+            if age is not None and age > LEASE_STALE_S:      # its holder crashed: take it over
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(path)
+                continue
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
+            time.sleep(poll_s)
+        if self.exists(key, done):                            # finished just before we got the lease
+            self.fs.delete_file(path)
+            yield False
+            return
+        stop = threading.Event()
+
+        def refresh():
+            while not stop.wait(LEASE_REFRESH_S):
+                with contextlib.suppress(OSError), self.fs.open_output_stream(path) as f:
+                    f.write(payload())
+        t = threading.Thread(target=refresh, daemon=True)
+        t.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            t.join()
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(path)
 
     def record_execution(self, key: str, info: dict | None = None):
         """One small file per execution of a stage: counting them shows what was (re)computed."""

@@ -84,9 +84,16 @@ StageFn = Callable[..., None]        # stage(parallel, ckpt_path, callback, devi
 def run_stage(ctx: Context, stage: str, fn: StageFn, data_parallel: bool = True) -> None:
     """Compute and store one stage's artifact unless it is stored already."""
     ctx.stage = stage
-    key, study = ctx.trial.keys[stage], ctx.study
+    key = ctx.trial.keys[stage]
     if ctx.store.exists(key):
         return
+    with ctx.store.lease(key, on_wait=lambda: ctx.event(event="waiting")) as mine:
+        if mine:                              # else another study computed it while we waited
+            _compute(ctx, stage, key, fn, data_parallel)
+
+
+def _compute(ctx: Context, stage: str, key: str, fn: StageFn, data_parallel: bool):
+    study = ctx.study
     ctx.event(event="start")
     t0 = time.perf_counter()
     wd = ctx.workdir(key)
@@ -180,10 +187,16 @@ def energy_stage(ctx: Context):
 def evaluation_stage(ctx: Context):
     """Evaluate the policy at each of the trial's evaluation steps that has no stored evaluation yet."""
     ctx.stage = "evaluation"
-    t, store, uri = ctx.trial, ctx.store, ctx.study.store
-    key = t.keys["evaluation"]
-    if store.exists(key, "result.json"):
+    key = ctx.trial.keys["evaluation"]
+    if ctx.store.exists(key, "result.json"):
         return
+    with ctx.store.lease(key, done="result.json", on_wait=lambda: ctx.event(event="waiting")) as mine:
+        if mine:
+            _evaluate(ctx, key)
+
+
+def _evaluate(ctx: Context, key: str):
+    t, store, uri = ctx.trial, ctx.store, ctx.study.store
     history: list[dict] = store.get_json(key, "history.json") if store.exists(key, "history.json") else []
     todo = [s for s in t.eval_steps if s not in {h["step"] for h in history}]
     if not todo:

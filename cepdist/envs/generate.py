@@ -9,6 +9,8 @@ kind to D4RL, never mistaken for it."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import importlib
 import io
 import json
@@ -16,6 +18,7 @@ import logging
 import os
 import pickle
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +228,7 @@ def generate(task_name: str, out: Path, n_rows: int = 1_000_000, seed: int = 0, 
     data = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.part")
     with h5py.File(tmp, "w") as f:
         for k, v in data.items():
             f.create_dataset(k, data=v, compression="gzip", compression_opts=1)
@@ -236,7 +239,6 @@ def generate(task_name: str, out: Path, n_rows: int = 1_000_000, seed: int = 0, 
         md["model"] = Path(model_file(task) or "default").name
         md["seed"] = seed
         md["policies"] = "; ".join(f"{s.policy}(noise={s.noise},share={s.share})" for p in parts for s in p)
-        md["generation_seconds"] = time.perf_counter() - t0
     os.replace(tmp, out)
     el = time.perf_counter() - t0
     log.info("generate %s: %d rows in %.0fs (%.0f transitions/s) → %s", task.name, len(data["rewards"]), el,
@@ -251,18 +253,36 @@ def ensure_datasets(tasks, root: str | None = None, rows: int | None = None, pol
     for name in tasks:
         task = get_task(name)
         path = local_path(task, Path(root) if root else None)
-        if path.is_file():
-            read_hdf5(path, task)
-            if task.local:
-                with h5py.File(path, "r") as f:
-                    found = f["metadata/model"][()].decode() if "metadata/model" in f else "default"
-                expected = Path(model_file(task) or "default").name
-                if found != expected:
-                    raise DatasetError(f"{path}: generated under the {found!r} model, but {task.name} runs on "
-                                       f"{expected!r}; regenerate it: `cepdist data generate --task {task.name}`")
-            continue
-        if not task.local:
-            raise DatasetError(f"{task.name}: no file at {path}; `cepdist data download {task.name}` "
-                               "or put the original file there")
-        log.info("generating %s (%d rows) → %s", task.name, rows or 1_000_000, path)
-        generate(task.name, path, rows or 1_000_000, seed=0, policy_root=policy_dir)
+        with _exclusive(path):        # concurrent studies: one generates, the others wait and then read it
+            _ensure(task, path, rows, policy_dir)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An advisory lock on `<path>.lock` (released by the OS if its holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _ensure(task: Task, path: Path, rows: int | None, policy_dir: str | None):
+    """Validate the task's file, or generate it (local tasks) or say how to get it."""
+    if path.is_file():
+        read_hdf5(path, task)
+        if task.local:
+            with h5py.File(path, "r") as f:
+                found = f["metadata/model"][()].decode() if "metadata/model" in f else "default"
+            expected = Path(model_file(task) or "default").name
+            if found != expected:
+                raise DatasetError(f"{path}: generated under the {found!r} model, but {task.name} runs on "
+                                   f"{expected!r}; regenerate it: `cepdist data generate --task {task.name}`")
+        return
+    if not task.local:
+        raise DatasetError(f"{task.name}: no file at {path}; `cepdist data download {task.name}` "
+                           "or put the original file there")
+    log.info("generating %s (%d rows) → %s", task.name, rows or 1_000_000, path)
+    generate(task.name, path, rows or 1_000_000, seed=0, policy_root=policy_dir)
