@@ -122,6 +122,14 @@ def test_info_json_against_independent_computation(tmp_path):
     ("dims", r"key 'observations' has dimension 5, but task hopper-medium-v2 \(Hopper-v5\) expects 11"),
     ("empty", r"empty dataset"),
     ("nothdf5", r"not a readable HDF5 file"),
+    ("rewards2d", r"key 'rewards' has shape \(10, 1\), expected 1-D of N"),
+    ("intactions", r"key 'actions' has dtype int64, expected floating point"),
+    ("range", r"key 'actions' has 1 of 10 rows \(10.00%\) outside the action range \[-1, 1\] of Hopper-v5 "
+              r"\(max \|a\| = 1.5\)"),
+    ("nextwidth", r"key 'next_observations' has dimension 7, expected 11 \(as observations\)"),
+    ("strings", r"key 'actions' has dtype \|S3, expected floating point"),
+    ("group", r"key 'actions' is an HDF5 group, expected a dataset"),
+    ("flags", r"key 'terminals' must hold 0/1 flags, found \[0.0, 2.0\]"),
 ])
 def test_malformed_files_raise_naming_file_and_key(tmp_path, case, match):
     p = tmp_path / f"{case}.hdf5"
@@ -138,6 +146,23 @@ def test_malformed_files_raise_naming_file_and_key(tmp_path, case, match):
         write_d4rl(p, obs[:, :5], act, rew, term, tout)
     elif case == "empty":
         write_d4rl(p, obs[:0], act[:0], rew[:0], term[:0], tout[:0])
+    elif case in ("rewards2d", "nextwidth", "range"):
+        rew, nxt = (rew[:, None], nxt) if case == "rewards2d" else (rew, nxt[:, :7] if case == "nextwidth" else nxt)
+        if case == "range":
+            act[4, 1] = 1.5
+        write_d4rl(p, obs, act, rew, term, tout, next_obs=nxt)
+    elif case in ("intactions", "strings", "group", "flags"):
+        with h5py.File(p, "w") as f:
+            f["observations"], f["rewards"], f["timeouts"] = obs.astype(np.float32), rew, tout
+            f["terminals"] = np.where(np.arange(len(obs)) == 9, 2.0, 0.0) if case == "flags" else term
+            if case == "intactions":
+                f["actions"] = np.ones(act.shape, dtype=np.int64)
+            elif case == "strings":
+                f["actions"] = np.array([[b"abc"] * 3] * len(obs))
+            elif case == "group":
+                f.create_group("actions")["x"] = act
+            else:
+                f["actions"] = act.astype(np.float32)
     else:
         p.write_bytes(b"not an hdf5 file")
     with pytest.raises(DatasetError, match=match) as e:

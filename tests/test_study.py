@@ -133,3 +133,25 @@ def test_yaml_errors_name_the_file_line_and_column(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--config", str(top)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "expected a mapping of StudyConfig fields, got list" in r.stderr
+
+
+def test_a_malformed_dataset_stops_the_study_before_ray_starts(tmp_path):
+    """rewards stored as (N, 1) (which would broadcast the critic target to [B, B]): one line naming the file
+    and the key, exit code 2, no traceback, nothing stored, Ray never started."""
+    import h5py
+    from cepdist.envs.generate import generate
+    data = tmp_path / "data"
+    path = generate("hopper-random-local", data / "hopper-random-local.hdf5", 300, seed=0)
+    with h5py.File(path, "a") as f:
+        r = f["rewards"][()]
+        del f["rewards"]
+        f["rewards"] = r[:, None]
+    code = ("import sys; from cepdist.cli import main; "
+            f"rc = main(['study', 'run', '--preset', 'smoke', '--data-root', r'{data}', '--store', r'{tmp_path / 'store'}',"
+            f" '--mlflow-uri', 'sqlite:///{tmp_path}/m.db', '--out', r'{tmp_path / 'out'}']); "
+            "assert 'ray' not in sys.modules or not __import__('ray').is_initialized(); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"cepdist: error: {path}: key 'rewards' has shape (300, 1), expected 1-D of N"
+    assert str(path) in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())

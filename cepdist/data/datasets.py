@@ -22,6 +22,11 @@ from .tasks import Task, get_task
 
 log = logging.getLogger("cepdist")
 REQUIRED = ("observations", "actions", "rewards", "terminals")
+# the one schema of a dataset, whatever its source: key → (dtype family, number of dimensions)
+SCHEMA = {"observations": ("float", 2), "actions": ("float", 2), "next_observations": ("float", 2),
+          "rewards": ("float", 1), "terminals": ("flag", 1), "timeouts": ("flag", 1)}
+# every task's action space is [-1, 1]; data beyond it by more than float rounding was not collected there
+ACTION_TOLERANCE = 1e-3
 
 
 class DatasetError(ValueError):
@@ -51,16 +56,37 @@ def read_hdf5(path: Path, task: Task | None = None) -> dict[str, np.ndarray]:
         if missing:
             raise DatasetError(f"{path}: missing key(s) {', '.join(missing)}; a D4RL file has "
                                f"{', '.join(REQUIRED)} (+ timeouts, next_observations)")
-        arrays = {k: f[k][()] for k in (*REQUIRED, "timeouts", "next_observations") if k in f}
+        for k in SCHEMA:
+            if k in f and not isinstance(f[k], h5py.Dataset):
+                raise DatasetError(f"{path}: key {k!r} is an HDF5 {type(f[k]).__name__.lower()}, expected a dataset")
+        arrays = {k: f[k][()] for k in SCHEMA if k in f}
+    return validate_arrays(arrays, task, str(path))
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], task: Task | None, source: str) -> dict[str, np.ndarray]:
+    """Check arrays against SCHEMA (dtype family, dimensions, rows), finiteness, the task's widths and its
+    action range; every error names the source, the key, what was found and what was expected."""
+    path = source
     n = len(arrays["observations"])
     if n == 0:
         raise DatasetError(f"{path}: empty dataset (observations has 0 rows)")
     for k, v in arrays.items():
+        kind, ndim = SCHEMA[k]
+        ok = np.issubdtype(v.dtype, np.floating) if kind == "float" else \
+            (v.dtype == bool or np.issubdtype(v.dtype, np.number))
+        if not ok:
+            raise DatasetError(f"{path}: key {k!r} has dtype {v.dtype}, expected "
+                               + ("floating point" if kind == "float" else "bool or 0/1 numbers"))
+        if v.ndim != ndim:
+            want = "1-D of N" if ndim == 1 else "2-D (N × dim)"
+            raise DatasetError(f"{path}: key {k!r} has shape {v.shape}, expected {want}")
         if len(v) != n:
             raise DatasetError(f"{path}: key {k!r} has {len(v)} rows but observations has {n}")
-    for k in ("observations", "actions", "next_observations"):
-        if k in arrays and arrays[k].ndim != 2:
-            raise DatasetError(f"{path}: key {k!r} must be 2-D (N × dim), got shape {arrays[k].shape}")
+        if kind == "flag" and v.dtype != bool and not np.isin(v, (0, 1)).all():
+            raise DatasetError(f"{path}: key {k!r} must hold 0/1 flags, found {np.unique(v)[:5].tolist()}")
+    if "next_observations" in arrays and arrays["next_observations"].shape[1] != arrays["observations"].shape[1]:
+        raise DatasetError(f"{path}: key 'next_observations' has dimension {arrays['next_observations'].shape[1]}, "
+                           f"expected {arrays['observations'].shape[1]} (as observations)")
     for k in ("observations", "actions", "rewards", "next_observations"):
         if k in arrays and not np.isfinite(arrays[k]).all():
             bad = int(np.flatnonzero(~np.isfinite(arrays[k]).reshape(n, -1).all(1))[0])
@@ -70,6 +96,11 @@ def read_hdf5(path: Path, task: Task | None = None) -> dict[str, np.ndarray]:
             if arrays[k].shape[1] != want:
                 raise DatasetError(f"{path}: key {k!r} has dimension {arrays[k].shape[1]}, but task "
                                    f"{task.name} ({task.env_id}) expects {want}")
+        outside = np.abs(arrays["actions"]) > 1 + ACTION_TOLERANCE
+        if outside.any():
+            raise DatasetError(f"{path}: key 'actions' has {int(outside.any(1).sum())} of {n} rows "
+                               f"({outside.any(1).mean():.2%}) outside the action range [-1, 1] of {task.env_id} "
+                               f"(max |a| = {np.abs(arrays['actions']).max():.3g})")
         if task.env_id.startswith("Ant-") and np.any(arrays["observations"][:, 27:]):
             log.warning("%s: observation dims 27-110 (contact forces) are not all zero; the evaluation "
                         "environment supplies zeros there as D4RL's mujoco 2.0 files have (cepdist/envs.py)", path)
@@ -235,7 +266,7 @@ def read_minari(dataset_id: str, root: Path | None = None) -> dict[str, np.ndarr
             cols["actions"].append(g["actions"][()]); cols["rewards"].append(g["rewards"][()])
             cols["terminals"].append(g["terminations"][()].astype(bool))
             cols["timeouts"].append(g["truncations"][()].astype(bool))
-    return {k: np.concatenate(v) for k, v in cols.items()}
+    return validate_arrays({k: np.concatenate(v) for k, v in cols.items()}, None, str(path))
 
 
 def minari_to_transitions(arr: dict[str, np.ndarray]) -> Transitions:

@@ -219,13 +219,16 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
                                 data_root=str(Path(study.data_root).resolve()) if study.data_root else None)
     validate(study)                                  # types were checked on load; ranges before anything starts
     grid(study)
+    # the dataset files that exist are checked before Ray starts; missing *-local ones are generated later
+    missing = ensure_datasets(study.tasks, study.data_root, study.dataset_rows, study.policy_dir,
+                              generate_missing=False)
     out = Path(out or Path("results") / study.name)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose,
                  logging_level=logging.INFO if verbose else logging.ERROR)
     check_resources(study, ray.cluster_resources(), ray.nodes())
-    ensure_datasets(study.tasks, study.data_root, study.dataset_rows, study.policy_dir)
+    ensure_datasets(missing, study.data_root, study.dataset_rows, study.policy_dir)
     all_trials = trials(study)                       # keys include each dataset file's fingerprint
     store = ArtifactStore(study.store)
     run_id = uuid.uuid4().hex                        # tags this invocation's stage executions

@@ -246,15 +246,25 @@ def generate(task_name: str, out: Path, n_rows: int = 1_000_000, seed: int = 0, 
     return out
 
 
-def ensure_datasets(tasks, root: str | None = None, rows: int | None = None, policy_dir: str | None = None):
+def ensure_datasets(tasks, root: str | None = None, rows: int | None = None, policy_dir: str | None = None,
+                    generate_missing: bool = True) -> list[str]:
     """Validate every task's file now, before any long work; generate missing *-local datasets (rows per
-    part, default 1M). A missing D4RL file, or a generated file made under other dynamics than the task's
-    evaluation environment, is an error that says how to get the right one."""
+    part, default 1M) unless `generate_missing` is False. A missing D4RL file, or a generated file made under
+    other dynamics than the task's evaluation environment, is an error that says how to get the right one.
+    Returns the tasks whose files are still missing."""
+    missing = []
     for name in tasks:
         task = get_task(name)
         path = local_path(task, Path(root) if root else None)
+        if not generate_missing:
+            if path.is_file() or not task.local:
+                _ensure(task, path, rows, policy_dir)
+            else:
+                missing.append(name)
+            continue
         with _exclusive(path):        # concurrent studies: one generates, the others wait and then read it
             _ensure(task, path, rows, policy_dir)
+    return missing
 
 
 @contextlib.contextmanager
