@@ -155,3 +155,16 @@ def test_a_malformed_dataset_stops_the_study_before_ray_starts(tmp_path):
     assert r.stderr.strip() == f"cepdist: error: {path}: key 'rewards' has shape (300, 1), expected 1-D of N"
     assert str(path) in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_an_unusable_store_is_refused_before_training(tmp_path):
+    """A store that cannot be created or written, or that has too little free space, is an error before any
+    stage runs (a location under a regular file stands in for a read-only one: root may write anywhere)."""
+    from cepdist.distributed.store import ArtifactStore
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=f"store {tmp_path / 'afile' / 'store'} cannot be created"):
+        ArtifactStore(tmp_path / "afile" / "store")
+    with pytest.raises(ValueError, match="MiB free; at least"):
+        ArtifactStore(tmp_path / "ok").check_writable(min_free_bytes=1 << 62)
+    ArtifactStore(tmp_path / "ok").check_writable()
+    assert not list((tmp_path / "ok").glob(".probe-*"))

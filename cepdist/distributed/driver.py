@@ -22,6 +22,7 @@ import ray
 from ray import tune
 from ray.tune import Callback, Stopper
 
+from ..data.datasets import d4rl_dir
 from ..envs.generate import ensure_datasets
 from .results import write_table
 from .store import ArtifactStore
@@ -222,6 +223,17 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     # the dataset files that exist are checked before Ray starts; missing *-local ones are generated later
     missing = ensure_datasets(study.tasks, study.data_root, study.dataset_rows, study.policy_dir,
                               generate_missing=False)
+    ArtifactStore(study.store).check_writable()
+    if missing:                                      # datasets to generate need a writable data root
+        root = Path(study.data_root) if study.data_root else d4rl_dir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f".probe-{uuid.uuid4().hex}").touch()
+            for p in root.glob(".probe-*"):
+                p.unlink()
+        except OSError as e:
+            raise ValueError(f"data root {root} is not writable, but {', '.join(missing)} must be generated "
+                             f"there ({e.strerror})") from None
     out = Path(out or Path("results") / study.name)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():

@@ -40,11 +40,31 @@ class ArtifactStore:
     def __init__(self, uri: str | os.PathLike):
         uri = str(uri)
         if "://" not in uri:
-            Path(uri).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(uri).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"store {uri} cannot be created ({e.strerror})") from None
             uri = str(Path(uri).resolve())
         self.uri = uri
         self.fs, self.root = pafs.FileSystem.from_uri(uri)
         self.fs.create_dir(self.root, recursive=True)
+
+    def check_writable(self, min_free_bytes: int = 256 << 20):
+        """Fail now, not after hours of training, if the store cannot take artifacts: write and delete a
+        probe file, and (local stores) require some free space."""
+        probe = self._path(f".probe-{uuid.uuid4().hex}")
+        try:
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+        except OSError as e:
+            raise ValueError(f"store {self.uri} is not writable ({e})") from None
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            import shutil
+            free = shutil.disk_usage(self.root).free
+            if free < min_free_bytes:
+                raise ValueError(f"store {self.uri} has {free / 2**20:.0f} MiB free; at least "
+                                 f"{min_free_bytes / 2**20:.0f} MiB are needed for checkpoints and artifacts")
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
