@@ -111,15 +111,19 @@ def _study(args):
         p = plan(study)
         print(json.dumps(p, indent=2) if args.json else format_plan(p))
         return
+    import ray
     from .distributed.driver import StudyFailed, StudyInterrupted, run_study
     try:
         summary = run_study(study, Path(args.out) if args.out else None, verbose=args.verbose)
     except StudyFailed as e:                  # one line: the stage, the trial, the cause
         print(f"cepdist: {e}", file=sys.stderr)
         return 1
-    except StudyInterrupted as e:
-        print(f"cepdist: {e}", file=sys.stderr)
+    except (StudyInterrupted, KeyboardInterrupt) as e:
+        print(f"cepdist: {e or 'interrupted; run the same command again to resume'}", file=sys.stderr)
         return 130
+    finally:
+        if ray.is_initialized():              # a clean shutdown: no worker stack traces on the way out
+            ray.shutdown()
     ex = ", ".join(f"{k} {v}" for k, v in summary["executions"].items()) or "nothing (all stored)"
     print(f"study {summary['study']}: {summary['trials']} trials done in {summary['seconds']:.0f} s; computed: {ex}")
     print(f"results table: {summary['results_table']} ({summary['rows']} rows); summary: "

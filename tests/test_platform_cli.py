@@ -94,3 +94,27 @@ def test_two_studies_at_once_on_one_store_compute_each_stage_once(tmp_path):
     assert len(counts) == 5 and set(counts.values()) == {1}, counts
     a, b = (pd.read_parquet(tmp_path / n / "results.parquet") for n in ("conc-a", "conc-b"))
     assert a.drop(columns="study").equals(b.drop(columns="study"))
+
+
+def test_ctrl_c_in_the_behaviour_phase_never_starts_the_next_phase(tmp_path):
+    """SIGINT while the behaviour phase runs: the driver records it, Tune stops gracefully, no later phase
+    starts (even if the running trials finish meanwhile), and the study exits 130 with the resume hint."""
+    study = tiny_study(tmp_path, "sigint", seeds=(0, 1))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(to_dict(study)))
+    p = subprocess.Popen([sys.executable, "-m", "cepdist", "study", "run", "--config", str(tmp_path / "study.yaml"),
+                          "--out", str(tmp_path / "out")], cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": "local"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if "[behavior phase] 2 to run" in line:
+            time.sleep(2)
+            p.send_signal(signal.SIGINT)
+            break
+    lines += p.stdout.readlines()
+    p.wait(timeout=120)
+    out = "".join(lines)
+    subprocess.run(["pkill", "-9", "-s", str(p.pid)], capture_output=True)     # this study's own leftovers only
+    assert p.returncode == 130, out
+    assert "study interrupted by SIGINT in the behavior phase; run the same command again to resume" in out
+    assert "[q phase]" not in out and "Traceback" not in out, out

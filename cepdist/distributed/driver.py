@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +40,39 @@ PHASES = (("behavior", behavior_phase, "behavior", "artifact.pt"), ("q", q_phase
 
 class StudyInterrupted(RuntimeError):
     pass
+
+
+class Interrupts:
+    """SIGINT and SIGTERM recorded by the driver itself: the first asks the running Tune phase to stop
+    gracefully (through Tune's SIGUSR1 handler, once Tune has installed it) and makes sure no later phase
+    starts; a second one stops at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"        # ours records it, then asks Tune to stop
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, sig, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(sig).name
+        log.warning("%s received: stopping after the running stages save their state (again: stop now)", self.signal)
+        if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def check(self, phase: str):
+        if self.signal is not None:
+            raise StudyInterrupted(f"study interrupted by {self.signal} in the {phase} phase; run the same "
+                                   "command again to resume")
+
+    def __exit__(self, *exc):
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
 
 
 class StudyFailed(RuntimeError):
@@ -247,10 +281,27 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     tracker = MLflowTracker(study.mlflow_uri, study.name)
     log.info("study %s: %d trials | store %s | MLflow %s", study.name, len(all_trials), study.store, study.mlflow_uri)
     t0 = time.perf_counter()
+    with Interrupts() as interrupts:
+        run_phases(study, all_trials, store, tracker, run_id, interrupts, verbose)
+    df = write_table(store, study.name, all_trials, out / "results.parquet")
+    mine = [e for e in store.executions() if e.get("run") == run_id]
+    summary = {"study": study.name, "trials": len(all_trials), "results_table": str(out / "results.parquet"),
+               "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
+               "executions": {s: n for s in ("behavior", "support", "q", "energy", "evaluation")
+                              if (n := sum(e["stage"] == s for e in mine))},
+               "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds(store, all_trials)}
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_phases(study: StudyConfig, all_trials: list[Trial], store: ArtifactStore, tracker: MLflowTracker,
+               run_id: str, interrupts: Interrupts, verbose: bool):
+    """The three Tune phases in order; none starts after an interrupt or a failure that cannot be retried."""
     for phase, fn, stage, done_file in PHASES:
         units = list({t.keys[stage]: t for t in all_trials}.values())
         todo = [t for t in units if not store.exists(t.keys[stage], done_file)]
         log.info("[%s phase] %d to run, %d stored", phase, len(todo), len(units) - len(todo))
+        interrupts.check(phase)
         if not todo:
             continue
         fatal: list = []
@@ -269,16 +320,8 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
         if fatal:
             stage_name, label, cause = fatal[0]
             raise StudyFailed(f"study failed: {stage_name} stage of trial {label}: {cause}")
+        interrupts.check(phase)
         check_complete(store, phase, [t.keys[stage] for t in todo], done_file)
-    df = write_table(store, study.name, all_trials, out / "results.parquet")
-    mine = [e for e in store.executions() if e.get("run") == run_id]
-    summary = {"study": study.name, "trials": len(all_trials), "results_table": str(out / "results.parquet"),
-               "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
-               "executions": {s: n for s in ("behavior", "support", "q", "energy", "evaluation")
-                              if (n := sum(e["stage"] == s for e in mine))},
-               "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds(store, all_trials)}
-    (out / "study.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def check_complete(store: ArtifactStore, phase: str, keys: list[str], done_file: str):
