@@ -71,6 +71,11 @@ def test_a_deterministic_failure_stops_the_study_at_the_first_attempt_with_one_l
     assert "Traceback" not in out and "retrying" not in out, out
     assert len(out.splitlines()) < 15, out
     assert ArtifactStore(study.store).executions() == []
+    # the diverged behaviour stage is recorded: its trial's MLflow run is FAILED with the cause
+    from cepdist.distributed.tracking import MLflowTracker
+    tr = MLflowTracker(study.mlflow_uri, study.name)
+    (run,) = tr.client.search_runs([tr.experiment_id])
+    assert run.info.status == "FAILED" and "NonFiniteLossError" in run.data.tags["failure"]
 
 
 def test_two_studies_at_once_on_one_store_compute_each_stage_once(tmp_path):

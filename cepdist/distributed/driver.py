@@ -118,8 +118,10 @@ def _fmt(sec: float) -> str:
     return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
 
 
-def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, tracker: MLflowTracker | None):
-    """Progress lines, fatal-failure capture and (policy phase) one MLflow run per trial."""
+def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, tracker: MLflowTracker):
+    """Progress lines, fatal-failure capture and one MLflow run per trial: every evaluation in the policy
+    phase; a trial that fails for good in any phase (e.g. a diverged behaviour model) is recorded FAILED with
+    its cause, an interrupted one KILLED."""
 
     by_hyper = {hyper_id(t.hyper): t for t in units}
 
@@ -159,22 +161,19 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             elif ev == "evaluation":
                 scores = ", ".join(f"w={w:g} {result[f'score_w{w:g}']:.1f}" for w in t.scales)
                 log.info("evaluation %s step %d: %s", t.label, result["step"], scores)
-                if tracker is not None:
-                    rid = self._run(t)
-                    if result["step"] not in self.logged[t.keys["evaluation"]]:
-                        tracker.log_metrics(rid, evaluation_metrics_of(result),
-                                            int(result["step"]))
-                        self.logged[t.keys["evaluation"]].add(result["step"])
+                rid = self._run(t)
+                if result["step"] not in self.logged[t.keys["evaluation"]]:
+                    tracker.log_metrics(rid, evaluation_metrics_of(result), int(result["step"]))
+                    self.logged[t.keys["evaluation"]].add(result["step"])
             elif ev == "fatal":
                 fatal.append((stage, t.label, result["cause"]))
                 self.failed.add(trial.trial_id)
-                if tracker is not None:
-                    tracker.finish(self._run(t), "FAILED", f"{stage}: {result['cause']}")
+                tracker.finish(self._run(t), "FAILED", f"{stage}: {result['cause']}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             self.running.pop(trial.trial_id, None)
-            if tracker is not None and trial.trial_id not in self.failed:
+            if phase == "policy" and trial.trial_id not in self.failed:
                 tracker.finish(self._run(trial_of(trial)), "FINISHED")
             self._progress(force=True)
 
@@ -184,12 +183,9 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
         def on_trial_error(self, iteration, trials, trial, **info):
             cause = _first_line(trial.error_file)
             fatal.append((self.running.pop(trial.trial_id, phase), trial_of(trial).label, cause))
-            if tracker is not None:
-                tracker.finish(self._run(trial_of(trial)), "FAILED", cause)
+            tracker.finish(self._run(trial_of(trial)), "FAILED", cause)
 
         def on_experiment_end(self, trials, **info):
-            if tracker is None:
-                return
             for trial in trials:                  # interrupted: not finished, not failed
                 if trial.status not in ("TERMINATED", "ERROR") and trial.config["trial"]:
                     key = trial_of(trial).keys["evaluation"]
@@ -305,7 +301,7 @@ def run_phases(study: StudyConfig, all_trials: list[Trial], store: ArtifactStore
         if not todo:
             continue
         fatal: list = []
-        events, stopper = callbacks(phase, todo, study, fatal, tracker if phase == "policy" else None)
+        events, stopper = callbacks(phase, todo, study, fatal, tracker)
         digest = hashlib.sha256(json.dumps([t.keys[stage] for t in todo]).encode()).hexdigest()[:8]
         eval_actors = study.eval_actors if phase == "policy" else 0
         tune.Tuner(
