@@ -254,22 +254,22 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     missing = ensure_datasets(study.tasks, study.data_root, study.dataset_rows, study.policy_dir,
                               generate_missing=False)
     ArtifactStore(study.store).check_writable()
-    if missing:                                      # datasets to generate need a writable data root
-        root = Path(study.data_root) if study.data_root else d4rl_dir()
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            (root / f".probe-{uuid.uuid4().hex}").touch()
-            for p in root.glob(".probe-*"):
-                p.unlink()
-        except OSError as e:
-            raise ValueError(f"data root {root} is not writable, but {', '.join(missing)} must be generated "
-                             f"there ({e.strerror})") from None
     out = Path(out or Path("results") / study.name)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose,
                  logging_level=logging.INFO if verbose else logging.ERROR)
     check_resources(study, ray.cluster_resources(), ray.nodes())
+    if missing:                                      # datasets to generate need a writable data root
+        root = Path(study.data_root) if study.data_root else d4rl_dir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".probe-{uuid.uuid4().hex}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"data root {root} is not writable, but {', '.join(missing)} must be generated "
+                             f"there ({e.strerror})") from None
     ensure_datasets(missing, study.data_root, study.dataset_rows, study.policy_dir)
     all_trials = trials(study)                       # keys include each dataset file's fingerprint
     store = ArtifactStore(study.store)
