@@ -85,13 +85,27 @@ def plan_for(schedule: VPSchedule, cfg: SolverConfig):
     return make_plan(schedule, cfg.steps, cfg.order, cfg.method, cfg.spacing, grid=cfg.grid, update=cfg.update)
 
 
-def _restore_rng(ck: dict, seed: int, stage: str, device, parallel: Parallel) -> torch.Generator:
-    """Rank 0 continues its stream; other ranks draw a fresh one for the remaining steps."""
-    if parallel.rank == 0:
-        gen = seed_generator(seed, stage, device)
-        gen.set_state(ck["rng"])
-        return gen
-    return seed_generator(seed + ck["step"], stage, device, parallel.rank)
+def _resume(stage: str, ckpt_path: Path | None, meta: dict, modules: dict[str, torch.nn.Module], opt,
+            seed: int, device, parallel: Parallel) -> tuple[torch.Generator, int, Callable[[int], dict]]:
+    """The stage's random stream and first step — restored from its checkpoint when one exists (rank 0
+    continues its stream; other ranks draw a fresh one for the remaining steps) — and its snapshot function."""
+    gen, start = seed_generator(seed, stage, device, parallel.rank), 0
+    ck = resume_state(ckpt_path, meta["config"])
+    if ck is not None:
+        for name, m in modules.items():
+            m.load_state_dict(ck[name])
+        opt.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        if parallel.rank == 0:
+            gen.set_state(ck["rng"])
+        else:
+            gen = seed_generator(seed + start, stage, device, parallel.rank)
+        log.info("%s: resuming from %s at step %d", stage, ckpt_path, start)
+
+    def snapshot(step):
+        return {**meta, "step": step, **{n: m.state_dict() for n, m in modules.items()},
+                "optimizer": opt.state_dict(), "rng": gen.get_state()}
+    return gen, start, snapshot
 
 
 # ---------------------------------------------------------------- behaviour model
@@ -119,19 +133,8 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     opt = adam(model.parameters(), cfg.lr)
     meta = {"kind": "behavior", "config": to_dict(cfg), "seed": seed,
             "state_dim": state_dim, "action_dim": actions.shape[1]}
-    gen = seed_generator(seed, "behavior", device, parallel.rank)
-    start = 0
-    ck = resume_state(ckpt_path, meta["config"])
-    if ck is not None:
-        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
-        gen = _restore_rng(ck, seed, "behavior", device, parallel)
-        start = ck["step"]
-        log.info("behavior: resuming from %s at step %d", ckpt_path, start)
+    gen, start, snapshot = _resume("behavior", ckpt_path, meta, {"model": model}, opt, seed, device, parallel)
     net = parallel.wrap(model)
-
-    def snapshot(step):
-        return {**meta, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": gen.get_state()}
 
     loop = Loop("behavior", cfg.steps, ("loss",), device, cfg.log_every, cfg.ckpt_every, ckpt_path,
                 snapshot, callback, start)
@@ -251,21 +254,11 @@ def train_q(cfg: QConfig, data: Transitions, support: SupportSet, *, seed: int =
     q, q_target = (m.to(device) for m in build_q(cfg, data.state_dim, data.action_dim, seed))
     opt = adam(q.parameters(), cfg.lr)
     local_bs = parallel.local_batch(cfg.batch_size, "q.batch_size")
-    gen = seed_generator(seed, "q", device, parallel.rank)
     meta = {"kind": "q", "config": to_dict(cfg), "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}
-    start = 0
-    ck = resume_state(ckpt_path, meta["config"])
-    if ck is not None:
-        q.load_state_dict(ck["q"]); q_target.load_state_dict(ck["q_target"]); opt.load_state_dict(ck["optimizer"])
-        gen = _restore_rng(ck, seed, "q", device, parallel)
-        start = ck["step"]
-        log.info("q: resuming from %s at step %d", ckpt_path, start)
+    gen, start, snapshot = _resume("q", ckpt_path, meta, {"q": q, "q_target": q_target}, opt, seed, device,
+                                   parallel)
     q_net = parallel.wrap(q)
-
-    def snapshot(step):
-        return {**meta, "step": step, "q": q.state_dict(), "q_target": q_target.state_dict(),
-                "optimizer": opt.state_dict(), "rng": gen.get_state()}
 
     loop = Loop("q", cfg.steps, ("q_loss", "target_mean"), device, cfg.log_every, cfg.ckpt_every,
                 ckpt_path, snapshot, callback, start)
@@ -313,22 +306,11 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
     q = q.to(device).requires_grad_(False)
     opt = adam(energy.parameters(), cfg.lr)
     local_bs = parallel.local_batch(cfg.batch_size, "energy.batch_size")
-    gen = seed_generator(seed, "energy", device, parallel.rank)
     config = {**to_dict(cfg), "schedule": [schedule.beta_min, schedule.beta_max]}
     meta = {"kind": "energy", "config": config, "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}
-    start = 0
-    ck = resume_state(ckpt_path, config)
-    if ck is not None:
-        energy.load_state_dict(ck["energy"]); opt.load_state_dict(ck["optimizer"])
-        gen = _restore_rng(ck, seed, "energy", device, parallel)
-        start = ck["step"]
-        log.info("energy: resuming from %s at step %d", ckpt_path, start)
+    gen, start, snapshot = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel)
     f_net = parallel.wrap(energy)
-
-    def snapshot(step):
-        return {**meta, "step": step, "energy": energy.state_dict(), "optimizer": opt.state_dict(),
-                "rng": gen.get_state()}
 
     loop = Loop("energy", cfg.steps, ("energy_loss", "q_mean", "q_std"), device, cfg.log_every,
                 cfg.ckpt_every, ckpt_path, snapshot, callback, start)
