@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 NOT_IN_KEY = ("log_every", "ckpt_every")       # settings that change no stage's result
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -34,6 +35,8 @@ class BehaviorConfig:
     steps: int = 600_000
     batch_size: int = 4096
     lr: float = 1e-4
+    lr_schedule: str = "constant"    # or "cosine": decay to 0 over `steps` (the reference: constant)
+    ema: float = 0.0                 # decay of a moving average of the weights that samples; 0: none (reference)
     precision: str = "fp32"          # "bf16": autocast matmuls to bfloat16 (fp32 master weights)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     log_every: int = 1000
@@ -73,6 +76,7 @@ class EnergyConfig:
     steps: int = 1_000_000
     batch_size: int = 256
     lr: float = 3e-4
+    lr_schedule: str = "constant"    # or "cosine"
     log_every: int = 1000
     ckpt_every: int = 50_000
 
@@ -110,7 +114,10 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
         need(c.batch_size >= 1, f"{name}.batch_size", "≥ 1")
         need(c.lr > 0, f"{name}.lr", "> 0")
         need(c.log_every >= 1 and c.ckpt_every >= 1, f"{name}.log_every and {name}.ckpt_every", "≥ 1")
+    for name in ("behavior", "energy"):
+        need(getattr(cfg, name).lr_schedule in LR_SCHEDULES, f"{name}.lr_schedule", "'constant' or 'cosine'")
     b = cfg.behavior
+    need(0 <= b.ema < 1, "behavior.ema", "in [0, 1) (0: no moving average)")
     need(len(b.widths) > 0 and min(b.widths) >= 1, "behavior.widths", "a non-empty list of widths ≥ 1")
     need(b.precision in ("fp32", "bf16"), "behavior.precision", "'fp32' or 'bf16'")
     need(0 < b.schedule.beta_min < b.schedule.beta_max, "behavior.schedule", "0 < beta_min < beta_max")

@@ -77,6 +77,16 @@ def adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+def lr_scheduler(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """constant, or cosine decay from the configured rate to 0 at the last step; its state is checkpointed
+    with the optimizer's (a resumed run continues the same curve)."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {kind!r}")
+
+
 def make_schedule(cfg: ScheduleConfig) -> VPSchedule:
     return VPSchedule(cfg.beta_min, cfg.beta_max)
 
@@ -86,7 +96,7 @@ def plan_for(schedule: VPSchedule, cfg: SolverConfig):
 
 
 def _resume(stage: str, ckpt_path: Path | None, meta: dict, modules: dict[str, torch.nn.Module], opt,
-            seed: int, device, parallel: Parallel) -> tuple[torch.Generator, int, Callable[[int], dict]]:
+            seed: int, device, parallel: Parallel, sched=None) -> tuple[torch.Generator, int, Callable[[int], dict]]:
     """The stage's random stream and first step — restored from its checkpoint when one exists (rank 0
     continues its stream; other ranks draw a fresh one for the remaining steps) — and its snapshot function."""
     gen, start = seed_generator(seed, stage, device, parallel.rank), 0
@@ -95,6 +105,8 @@ def _resume(stage: str, ckpt_path: Path | None, meta: dict, modules: dict[str, t
         for name, m in modules.items():
             m.load_state_dict(ck[name])
         opt.load_state_dict(ck["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ck["lr_scheduler"])
         start = ck["step"]
         if parallel.rank == 0:
             gen.set_state(ck["rng"])
@@ -104,7 +116,8 @@ def _resume(stage: str, ckpt_path: Path | None, meta: dict, modules: dict[str, t
 
     def snapshot(step):
         return {**meta, "step": step, **{n: m.state_dict() for n, m in modules.items()},
-                "optimizer": opt.state_dict(), "rng": gen.get_state()}
+                "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                **({} if sched is None else {"lr_scheduler": sched.state_dict()})}
     return gen, start, snapshot
 
 
@@ -131,9 +144,14 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     model = build_behavior(cfg, state_dim, actions.shape[1], seed).to(device)
     schedule = model.schedule
     opt = adam(model.parameters(), cfg.lr)
+    sched = lr_scheduler(opt, cfg.lr_schedule, cfg.steps)
+    # the moving average samples; it starts as a copy and its decay warms up as min(ema, (1+i)/(10+i)) so
+    # that short runs are not dominated by the initial weights
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
     meta = {"kind": "behavior", "config": to_dict(cfg), "seed": seed,
             "state_dim": state_dim, "action_dim": actions.shape[1]}
-    gen, start, snapshot = _resume("behavior", ckpt_path, meta, {"model": model}, opt, seed, device, parallel)
+    modules = {"model": model, **({"ema": ema} if ema is not None else {})}
+    gen, start, snapshot = _resume("behavior", ckpt_path, meta, modules, opt, seed, device, parallel, sched)
     net = parallel.wrap(model)
 
     loop = Loop("behavior", cfg.steps, ("loss",), device, cfg.log_every, cfg.ckpt_every, ckpt_path,
@@ -148,10 +166,15 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
+        if ema is not None:
+            i = loop.step
+            polyak(ema, model, 1.0 - min(cfg.ema, (1 + i) / (10 + i)))
         loop.record(0, loss)
         loop.end_step()
-    model.eval()
-    return model
+    out = model if ema is None else ema
+    out.schedule = schedule
+    return out.eval()
 
 
 def _load(path_or_ck) -> dict:
@@ -159,10 +182,11 @@ def _load(path_or_ck) -> dict:
 
 
 def load_behavior(path_or_ck) -> ScoreNet:
-    """A behaviour model (with its schedule) from a checkpoint file or its loaded dict."""
+    """A behaviour model (with its schedule) from a checkpoint file or its loaded dict: its moving average
+    of the weights when it kept one."""
     ck = _load(path_or_ck)
     model = build_behavior(from_dict(BehaviorConfig, ck["config"]), ck["state_dim"], ck["action_dim"])
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(ck["ema"] if "ema" in ck else ck["model"])      # the weights that sample
     return model.eval()
 
 
@@ -305,11 +329,13 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
     energy = build_energy(cfg, data.state_dim, data.action_dim, seed).to(device)
     q = q.to(device).requires_grad_(False)
     opt = adam(energy.parameters(), cfg.lr)
+    sched = lr_scheduler(opt, cfg.lr_schedule, cfg.steps)
     local_bs = parallel.local_batch(cfg.batch_size, "energy.batch_size")
     config = {**to_dict(cfg), "schedule": [schedule.beta_min, schedule.beta_max]}
     meta = {"kind": "energy", "config": config, "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}
-    gen, start, snapshot = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel)
+    gen, start, snapshot = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel,
+                                   sched)
     f_net = parallel.wrap(energy)
 
     loop = Loop("energy", cfg.steps, ("energy_loss", "q_mean", "q_std"), device, cfg.log_every,
@@ -324,6 +350,7 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
         opt.zero_grad(set_to_none=True)
         lf.backward()
         opt.step()
+        sched.step()
         loop.record(0, lf)
         loop.record(1, qs.mean())
         loop.record(2, qs.std())
