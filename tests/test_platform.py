@@ -109,6 +109,28 @@ def test_a_non_default_noise_schedule_reaches_every_stage(cluster, tmp_path):
     assert not np.allclose(r0, r1)
 
 
+def test_guidance_methods_share_behaviour_support_and_q(cluster, tmp_path):
+    """--methods cep aepo aepo-analytic dps: one behaviour, support and Q stage; an energy stage for each of
+    cep and aepo (the aepo one regressed onto its analytic target); every method in the table and the report."""
+    from cepdist.analysis.report import build
+    from cepdist.distributed.trials import fetch
+    methods = ("cep", "aepo", "aepo-analytic", "dps")
+    study = tiny_study(tmp_path, "methods", seeds=(0,), methods=methods)
+    summary = run_study(study, tmp_path / "out")
+    assert summary["executions"] == {"behavior": 1, "support": 1, "q": 1, "energy": 2, "evaluation": 4}
+    table = pd.read_parquet(summary["results_table"])
+    assert set(table.method) == set(methods)
+    assert table.score.notna().all()
+    ts = {t.method: t for t in trials(study)}
+    assert len({t.keys["q"] for t in ts.values()}) == 1
+    energy = fetch(study.store, ts["aepo"].keys["energy"])
+    assert energy["config"]["method"] == "aepo" and energy["config"]["actions"] is None
+    assert "energy" not in ts["aepo-analytic"].keys
+    build(summary["results_table"], tmp_path / "report")
+    md = (tmp_path / "report" / "table.md").read_text()
+    assert "AEPO (reconstructed)" in md and "AEPO-analytic (reconstructed)" in md and "| cep |" in md
+
+
 def test_study_survives_the_loss_of_a_node(cluster, tmp_path):
     c, nodes = cluster
     study = tiny_study(tmp_path, "nodefail", seeds=(0, 1, 2, 3))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .stats import bootstrap_ci, final
+from .stats import bootstrap_ci, final, method_label
 
 
 def _plt():
@@ -37,7 +37,8 @@ def _band(g: pd.DataFrame, x: str, seed: int):
 
 def sensitivity(df: pd.DataFrame, out: Path, seed: int = 0) -> list[Path]:
     """Score against each hyperparameter that takes more than one value (scale: all of them; β, K, steps:
-    at each trial's best scale), one line per task with its 95% CI band over seeds."""
+    at each trial's best scale), one line per task (and guidance method, when several) with its 95% CI band
+    over seeds."""
     plt = _plt()
     f = final(df)
     best = f.loc[f.groupby(["task", "seed", "beta", "K", "steps", "method"])["score"].idxmax()]
@@ -47,9 +48,10 @@ def sensitivity(df: pd.DataFrame, out: Path, seed: int = 0) -> list[Path]:
         if f[h].nunique() < 2 and h != "scale":
             continue
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for i, (task, g) in enumerate(src.groupby("task")):
+        by_method = src["method"].nunique() > 1
+        for i, ((task, method), g) in enumerate(src.groupby(["task", "method"])):
             xs, m, lo, hi = _band(g, h, seed)
-            ax.plot(xs, m, "o-", color=f"C{i}", label=task)
+            ax.plot(xs, m, "o-", color=f"C{i}", label=f"{task} ({method_label(method)})" if by_method else task)
             ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
         ax.set_xlabel(label); ax.set_ylabel("normalised score (mean, 95% CI over seeds)")
         if h == "beta":

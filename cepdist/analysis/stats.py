@@ -15,6 +15,12 @@ from scipy.stats import trim_mean
 from ..data.tasks import TASKS
 
 KEYS = ["task", "seed", "beta", "K", "steps", "method", "scale", "step"]
+# AEPO is rebuilt from its paper's abstract (../shared/reference/aepo.md): every table says so
+METHOD_LABELS = {"aepo": "AEPO (reconstructed)", "aepo-analytic": "AEPO-analytic (reconstructed)"}
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
 HYPER = ["beta", "K", "steps", "method"]
 DIAGNOSTICS = ["q_mean", "q_std", "target_mean", "q_loss", "energy_loss"]
 
@@ -264,7 +270,7 @@ def render(tt: pd.DataFrame, dt: pd.DataFrame, fixed_scale: float) -> tuple[str,
     body = []
     for _, r in tt.iterrows():
         pub = "–" if np.isnan(r.published) else f"{r.published:.1f} ± {r.published_std:.1f}"
-        body.append([r.task, f"{r.beta:g}", str(r.K), str(r.steps), r.method,
+        body.append([r.task, f"{r.beta:g}", str(r.K), str(r.steps), method_label(r.method),
                      _cell(r.fixed_mean, r.fixed_lo, r.fixed_hi), str(r.fixed_n),
                      _cell(r.validation_mean, r.validation_lo, r.validation_hi),
                      "–" if pd.isna(r.validation_scale) else f"{r.validation_scale:g}",

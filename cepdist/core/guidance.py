@@ -1,4 +1,5 @@
-"""Energy guidance: the exact method (CEP) and the inexact baselines (MSE, DPS), selectable by name.
+"""Energy guidance: the exact method (CEP), AEPO's analytic estimate and the inexact baselines (MSE, DPS),
+selectable by name.
 
 Sign convention (reference): the energy model fφ is a Q-like score, higher is preferred.
 Guided ε-prediction:  ε̃ = εθ(a_t, s, t) − w·σt·∇a f_t(a_t, s),  w = guidance scale (w = 1: exact tilt).
@@ -6,6 +7,9 @@ Guided ε-prediction:  ε̃ = εθ(a_t, s, t) − w·σt·∇a f_t(a_t, s),  w =
 - cep: fφ trained with the contrastive loss (labels softmax(β·Q̄) over a support set sharing one t).
 - mse: fφ trained to regress β·Q̄(s, a0) from the noisy a_t (learns E[βQ | a_t], Jensen gap).
 - dps: no energy model; f_t(a_t) = β·Q(s, â0(a_t)) at the Tweedie estimate, differentiated through εθ.
+- aepo: fφ regressed onto AEPO's Gaussian-posterior log-expectation Êt(s, a_t) (analytic.py), a
+  reconstruction from the paper's abstract.
+- aepo-analytic: no energy model; ∇f_t = (αt/σt²)·(E_π − E_μ)[a0 | a_t] from the same estimator.
 """
 from __future__ import annotations
 
@@ -14,11 +18,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import analytic
 from .diffusion import VPSchedule
 from .nets import EnergyNet, ScoreNet
 from .solver import EpsFn, SolverPlan, sample
 
-METHODS = ("cep", "mse", "dps")
+METHODS = ("cep", "mse", "dps", "aepo", "aepo-analytic")
+ENERGY_METHODS = ("cep", "mse", "aepo")          # train a time-conditioned energy model fφ
+VALUE_METHODS = ("dps", "aepo-analytic")         # guide with β·Q (a clean value) directly: no energy stage
 
 
 def check_method(method: str) -> str:
@@ -38,10 +45,12 @@ def mse_loss(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def energy_loss(method: str, energy: EnergyNet, a0: torch.Tensor, s: torch.Tensor | None,
-                target: torch.Tensor, schedule: VPSchedule, generator=None) -> torch.Tensor:
-    """Loss of fφ on groups of clean actions a0 [G, K, a_dim] with targets β·Q̄ [G, K].
+                target, schedule: VPSchedule, generator=None) -> torch.Tensor:
+    """Loss of fφ on groups of clean actions a0 [G, K, a_dim] with targets [G, K]: β·Q̄(s, a0) (cep, mse),
+    or for aepo a function (a_t, t) → Êt(s, a_t) evaluated here on the noised actions (no gradient).
 
-    One t per group, shared by its K actions (the CEP estimator needs it), independent noise per action.
+    One t per group, shared by its K actions (the CEP estimator needs it), independent noise per action;
+    groups of one action (K = 1) give one t per sample, the reference's form of the regressions.
     s: [G, s_dim] or None (unconditional toys)."""
     G = a0.shape[0]
     t = schedule.sample_t(G, device=a0.device, generator=generator)
@@ -52,6 +61,8 @@ def energy_loss(method: str, energy: EnergyNet, a0: torch.Tensor, s: torch.Tenso
         return cep_loss(f, target)
     if method == "mse":
         return mse_loss(f, target)
+    if method == "aepo":
+        return mse_loss(f, target(at, t[:, None]).detach())
     raise ValueError(f"guidance method {method!r} trains no energy model")
 
 
@@ -125,12 +136,39 @@ class DPSGuidance(Guidance):
         return eps.detach() - g * (w * sg)
 
 
-def make_guidance(method: str, energy: EnergyNet | None = None, value=None) -> Guidance:
+class AnalyticGuidance(Guidance):
+    """aepo-analytic: ∇f_t = (αt/σt²)·δ, δ the tilt of AEPO's Gaussian posterior by value = β·Q (analytic.py).
+    `iso_table` (from analytic.isotropic_table) is needed by the isotropic covariance only."""
+    needs_autograd = True
+
+    def __init__(self, value, covariance: str = "jacobian", order: int = 1, iso_table=None,
+                 prior_clip: float = 1.0):
+        analytic.check_options(covariance, order)
+        if covariance == "isotropic" and iso_table is None:
+            raise ValueError("aepo-analytic with the isotropic covariance needs its table of 1 − E‖εθ‖²/d per t")
+        self.value, self.covariance, self.order = value, covariance, order
+        self.iso_table, self.prior_clip = iso_table, prior_clip
+
+    def guided(self, behavior, x, conds_k, extra, k, plan, w, s):
+        a, sg = plan.alphas[k], plan.sigmas[k]
+        iso = None
+        if self.covariance == "isotropic":
+            iso = analytic.interpolate(self.iso_table, torch.tensor(plan.times[k], device=x.device))
+        eps, grad = analytic.analytic_grad(lambda y: -behavior.trunk(y, conds_k), self.value, x,
+                                           None if s is None else s[:, 0, :], torch.tensor(a, device=x.device),
+                                           torch.tensor(sg, device=x.device), self.covariance, self.order, iso,
+                                           self.prior_clip)
+        return eps - grad * (w * sg)
+
+
+def make_guidance(method: str, energy: EnergyNet | None = None, value=None, **analytic_options) -> Guidance:
+    """The guidance of a method: cep/mse/aepo from a trained energy model, dps/aepo-analytic from a clean
+    value β·Q (aepo-analytic also takes covariance, order, iso_table, prior_clip)."""
     check_method(method)
-    if method == "dps":
+    if method in VALUE_METHODS:
         if value is None:
-            raise ValueError("guidance method 'dps' needs a clean value function (β·Q)")
-        return DPSGuidance(value)
+            raise ValueError(f"guidance method {method!r} needs a clean value function (β·Q)")
+        return DPSGuidance(value) if method == "dps" else AnalyticGuidance(value, **analytic_options)
     if energy is None:
         raise ValueError(f"guidance method {method!r} needs a trained energy model")
     return EnergyGuidance(energy)

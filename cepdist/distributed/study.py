@@ -185,6 +185,7 @@ def dataset_file(study: StudyConfig, task_name: str) -> dict[str, Any]:
 def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] | None = None) -> Trial:
     """The typed trial of one point of the grid, with its resolved config and stage keys. The dataset's
     fingerprint is part of every key: a replaced file gives new keys."""
+    from ..core.guidance import VALUE_METHODS
     task = get_task(hyper["task"])
     data = data or dataset_file(study, task.name)
     seed, K = int(hyper["seed"]), hyper["K"] or task.K
@@ -201,8 +202,10 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] |
     keys = {"behavior": stage_key("behavior", {"data": data_id, "seed": seed, "cfg": _key_cfg(cfg.behavior)})}
     keys["support"] = stage_key("support", {"behavior": keys["behavior"], "seed": seed, "cfg": _key_cfg(cfg.support)})
     keys["q"] = stage_key("q", {"support": keys["support"], "seed": seed, "cfg": _key_cfg(cfg.q)})
-    if cfg.energy.method == "dps":
-        policy = {"q": keys["q"], "beta": cfg.energy.beta}
+    if cfg.energy.method in VALUE_METHODS:
+        policy = {"q": keys["q"], "beta": cfg.energy.beta,
+                  **({"order": cfg.energy.order, "covariance": cfg.energy.covariance}
+                     if cfg.energy.method == "aepo-analytic" else {})}
     else:
         keys["energy"] = stage_key("energy", {"q": keys["q"], "seed": seed, "cfg": _key_cfg(cfg.energy),
                                               "snapshot_every": study.eval_every})
@@ -211,9 +214,11 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] |
                                                   "sampler": to_dict(cfg.sampler), "episodes": study.eval_episodes,
                                                   "val_episodes": study.validation_episodes,
                                                   "max_steps": max_steps, "eval_every": study.eval_every})
-    # evaluated at every eval_every steps of the policy's last stage (energy) and at its end; dps at Q's end
-    total = cfg.q.steps if cfg.energy.method == "dps" else cfg.energy.steps
-    every = study.eval_every if cfg.energy.method != "dps" else 0
+    # evaluated at every eval_every steps of the policy's last stage (energy) and at its end; dps and
+    # aepo-analytic (no energy stage) at Q's end
+    value_only = cfg.energy.method in VALUE_METHODS
+    total = cfg.q.steps if value_only else cfg.energy.steps
+    every = 0 if value_only else study.eval_every
     eval_steps = tuple(range(every, total, every)) + (total,) if every else (total,)
     return Trial(task.name, seed, cfg.energy.beta, K, hyper["steps"], cfg.energy.method, scales, max_steps,
                  eval_steps, cfg, keys, data)

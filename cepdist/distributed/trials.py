@@ -28,9 +28,11 @@ import torch
 from ray import tune
 
 from ..algos import checkpoint
+from ..algos.qgpo.policy import analytic_options
 from ..algos.qgpo.stages import (SINGLE, generate_support, load_behavior, load_q, load_support, train_behavior,
                                  train_energy, train_q)
 from ..data import datasets
+from ..core.guidance import VALUE_METHODS
 from ..data.transitions import Transitions
 from .pool import EvalPool, policy_payload
 from .store import ArtifactStore
@@ -176,11 +178,12 @@ def energy_stage(ctx: Context):
     data_of = functools.partial(load_data, ctx.trial.task, ctx.study.data_root)
 
     def fn(parallel, ckpt_path, callback, device):
-        schedule = load_behavior(fetch(uri, keys["behavior"])).schedule
+        behavior = load_behavior(fetch(uri, keys["behavior"]))
         support = load_support(fetch(uri, keys["support"])).to(device)
         keep = keep_metrics(uri, keys["energy"], cfg.energy.steps, every) if parallel.rank == 0 else None
-        train_energy(cfg.energy, load_q(fetch(uri, keys["q"])), support, data_of()[0].to(device), schedule,
-                     seed=cfg.seed, ckpt_path=ckpt_path, callback=_chain(callback, keep), parallel=parallel)
+        train_energy(cfg.energy, load_q(fetch(uri, keys["q"])), support, data_of()[0].to(device),
+                     behavior.schedule, behavior=behavior, seed=cfg.seed, ckpt_path=ckpt_path,
+                     callback=_chain(callback, keep), parallel=parallel)
     run_stage(ctx, "energy", fn)
 
 
@@ -209,8 +212,11 @@ def _evaluate(ctx: Context, key: str):
     pool = EvalPool(ctx.study.eval_actors)
     try:
         for step in todo:
-            if t.method == "dps":
-                payload = policy_payload(behavior, t.method, t.config.sampler, q=fetch(uri, t.keys["q"]), beta=t.beta)
+            if t.method in VALUE_METHODS:
+                analytic = analytic_options(t.config.energy, load_behavior(behavior),
+                                            load_data(t.task, ctx.study.data_root)[0], t.seed)
+                payload = policy_payload(behavior, t.method, t.config.sampler, q=fetch(uri, t.keys["q"]),
+                                         beta=t.beta, analytic=analytic)
                 metrics = {}
             else:
                 final = step == t.config.energy.steps
@@ -287,5 +293,5 @@ def q_phase(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: s
 
 
 def policy_phase(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: str):
-    _run(config, study, units, run_id, (evaluation_stage,) if config["trial"]["method"] == "dps"
+    _run(config, study, units, run_id, (evaluation_stage,) if config["trial"]["method"] in VALUE_METHODS
          else (energy_stage, evaluation_stage))

@@ -68,17 +68,28 @@ class QConfig:
 
 @dataclass
 class EnergyConfig:
-    """The time-conditioned energy model fφ, trained on the frozen final Q̄ (method cep or mse); `beta` is
-    the guidance temperature of every method (dps uses β·Q directly and trains no energy model)."""
-    method: str = "cep"              # cep | mse | dps
+    """The time-conditioned energy model fφ, trained on the frozen final Q̄ (method cep, mse or aepo); `beta`
+    is the guidance temperature of every method (dps and aepo-analytic use β·Q̄ directly, no energy model).
+
+    `actions`: the clean actions fφ is trained on: "support" (K per state sharing one t; what cep needs) or
+    "dataset" (each transition's action with its own t: the reference's form of mse, and aepo's); None → the
+    method's own (cep support, mse and aepo dataset). `order`/`covariance`: AEPO's estimator (core/analytic.py),
+    used by aepo and aepo-analytic only."""
+    method: str = "cep"              # cep | mse | dps | aepo | aepo-analytic
     beta: float = 3.0
     hidden: tuple[int, ...] = (256, 256, 256, 256)
     steps: int = 1_000_000
     batch_size: int = 256
     lr: float = 3e-4
     lr_schedule: str = "constant"    # or "cosine"
+    actions: str | None = None       # support | dataset | None (the method's)
+    order: int = 1                   # aepo: Taylor order of the log-expectation (1 or 2)
+    covariance: str = "jacobian"     # aepo: jacobian | isotropic | prior
     log_every: int = 1000
     ckpt_every: int = 50_000
+
+    def train_actions(self) -> str:
+        return self.actions or ("support" if self.method == "cep" else "dataset")
 
 
 @dataclass
@@ -93,6 +104,7 @@ class QGPOConfig:
 
 def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     """Every range violation of a QGPO config, each naming its dotted key and what is allowed."""
+    from ...core.analytic import COVARIANCES, ORDERS
     from ...core.guidance import METHODS
     errors = []
 
@@ -131,6 +143,12 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     need(cfg.q.beta_q >= 0, "q.beta_q", "≥ 0")
     need(cfg.q.reward in (None, "locomotion", "antmaze", "none"), "q.reward",
          "'locomotion', 'antmaze', 'none' (or unset: the task's)")
-    need(cfg.energy.method in METHODS, "energy.method", f"one of {', '.join(METHODS)}")
-    need(cfg.energy.beta > 0, "energy.beta", "> 0")
+    e = cfg.energy
+    need(e.method in METHODS, "energy.method", f"one of {', '.join(METHODS)}")
+    need(e.beta > 0, "energy.beta", "> 0")
+    need(e.actions in (None, "support", "dataset"), "energy.actions", "'support', 'dataset' (or unset: the method's)")
+    need(not (e.method == "cep" and e.actions == "dataset"), "energy.actions",
+         "'support' for cep (its contrastive labels compare K actions of one state)")
+    need(e.order in ORDERS, "energy.order", "1 or 2")
+    need(e.covariance in COVARIANCES, "energy.covariance", f"one of {', '.join(COVARIANCES)}")
     return errors

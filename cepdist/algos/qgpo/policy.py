@@ -1,7 +1,8 @@
 """The guided policy, built from stage artifacts, and `run_qgpo`: every stage in one process.
 
-The policy samples with the behaviour model's own schedule; cep/mse guide with ∇a fφ, dps with β·Q̄ at the
-Tweedie estimate, and a policy without guidance is the behaviour model alone (w must then be 0)."""
+The policy samples with the behaviour model's own schedule; cep/mse/aepo guide with ∇a fφ, dps with β·Q̄ at
+the Tweedie estimate, aepo-analytic with AEPO's estimate from β·Q̄, and a policy without guidance is the
+behaviour model alone (w must then be 0)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...core.guidance import Guidance, check_method, guided_sample, make_guidance
+from ...core.guidance import VALUE_METHODS, Guidance, check_method, guided_sample, make_guidance
 from ...core.nets import EnergyNet, ScoreNet, TwinQ
 from ...data.transitions import Transitions
 from ..loop import Callback
-from .config import QGPOConfig, SolverConfig, check
-from .stages import (generate_support, load_behavior, load_energy, load_q, plan_for, seed_generator, train_behavior,
-                     train_energy, train_q)
+from .config import EnergyConfig, QGPOConfig, SolverConfig, check
+from .stages import (generate_support, iso_table, load_behavior, load_energy, load_q, plan_for, seed_generator,
+                     train_behavior, train_energy, train_q)
 
 
 class GuidedPolicy:
@@ -23,17 +24,20 @@ class GuidedPolicy:
 
     def __init__(self, behavior: ScoreNet, method: str = "cep", *, energy: EnergyNet | None = None,
                  q: TwinQ | None = None, beta: float | None = None, solver: SolverConfig | None = None,
-                 seed: int = 0):
+                 seed: int = 0, analytic: dict | None = None):
+        """analytic: aepo-analytic's estimator options (covariance, order, iso_table)."""
         self.behavior = behavior.eval()
         self.schedule = behavior.schedule
         self.solver = solver or SolverConfig()
         self.method = check_method(method)
         self.guidance: Guidance | None = None
-        if method == "dps" and q is not None:
+        if method in VALUE_METHODS and q is not None:
             if beta is None:
-                raise ValueError("dps guidance needs β (energy.beta)")
-            self.guidance = make_guidance("dps", value=lambda a, s: beta * q.min(a, s))
-        elif method != "dps" and energy is not None:
+                raise ValueError(f"{method} guidance needs β (energy.beta)")
+            q = q.requires_grad_(False)
+            self.guidance = make_guidance(method, value=lambda a, s: beta * q.min(a, s),
+                                          **((analytic or {}) if method == "aepo-analytic" else {}))
+        elif method not in VALUE_METHODS and energy is not None:
             self.guidance = make_guidance(method, energy)
         self.device = next(behavior.parameters()).device
         self.generator = seed_generator(seed, "policy", self.device)
@@ -62,10 +66,20 @@ class GuidedPolicy:
 
 
 def load_policy(behavior, method: str, *, energy=None, q=None, beta: float | None = None,
-                solver: SolverConfig | None = None, seed: int = 0) -> GuidedPolicy:
-    """A guided policy from checkpoint files or loaded checkpoint dicts (energy for cep/mse, q for dps)."""
+                solver: SolverConfig | None = None, seed: int = 0, analytic: dict | None = None) -> GuidedPolicy:
+    """A guided policy from checkpoint files or loaded checkpoint dicts (energy for cep/mse/aepo, q for
+    dps/aepo-analytic)."""
     return GuidedPolicy(load_behavior(behavior), method, energy=None if energy is None else load_energy(energy),
-                        q=None if q is None else load_q(q), beta=beta, solver=solver, seed=seed)
+                        q=None if q is None else load_q(q), beta=beta, solver=solver, seed=seed,
+                        analytic=analytic)
+
+
+def analytic_options(cfg: EnergyConfig, behavior: ScoreNet, data: Transitions, seed: int = 0) -> dict | None:
+    """aepo-analytic's estimator options from the energy config (with the isotropic table when needed)."""
+    if cfg.method != "aepo-analytic":
+        return None
+    table = iso_table(behavior, data, seed) if cfg.covariance == "isotropic" else None
+    return {"covariance": cfg.covariance, "order": cfg.order, "iso_table": table}
 
 
 def run_qgpo(cfg: QGPOConfig, data: Transitions, out_dir: Path | None = None,
@@ -80,8 +94,8 @@ def run_qgpo(cfg: QGPOConfig, data: Transitions, out_dir: Path | None = None,
     support = generate_support(cfg.support, behavior, data, seed=cfg.seed, ckpt_path=path("support.pt"))
     q = train_q(cfg.q, data, support, seed=cfg.seed, ckpt_path=path("q.pt"), callback=callback)
     energy = None
-    if cfg.energy.method != "dps":
-        energy = train_energy(cfg.energy, q, support, data, behavior.schedule, seed=cfg.seed,
+    if cfg.energy.method not in VALUE_METHODS:
+        energy = train_energy(cfg.energy, q, support, data, behavior.schedule, behavior=behavior, seed=cfg.seed,
                               ckpt_path=path("energy.pt"), callback=callback)
     return GuidedPolicy(behavior, cfg.energy.method, energy=energy, q=q, beta=cfg.energy.beta, solver=cfg.sampler,
-                        seed=cfg.seed)
+                        seed=cfg.seed, analytic=analytic_options(cfg.energy, behavior, data, cfg.seed))

@@ -25,7 +25,8 @@ import torch
 
 from ...config import from_dict, to_dict
 from ...core.diffusion import VPSchedule, denoising_loss
-from ...core.guidance import METHODS, energy_loss, guided_sample
+from ...core import analytic
+from ...core.guidance import ENERGY_METHODS, energy_loss, guided_sample
 from ...core.nets import EnergyNet, ScoreNet, TwinQ
 from ...core.qlearning import in_support_target, polyak, q_loss
 from ...core.solver import make_plan
@@ -316,18 +317,44 @@ def build_energy(cfg: EnergyConfig, state_dim: int, action_dim: int, seed: int =
     return EnergyNet(action_dim, state_dim, cfg.hidden)
 
 
+def iso_table(behavior: ScoreNet, data: Transitions, seed: int = 0, rows: int = 4096):
+    """AEPO's isotropic posterior-variance factor 1 − E‖εθ‖²/d per t, from `rows` dataset transitions."""
+    gen = seed_generator(seed, "iso_table", data.obs.device)
+    idx = torch.randint(len(data), (min(rows, len(data)),), device=data.obs.device, generator=gen)
+    s = data.obs[idx]
+    return analytic.isotropic_table(lambda x, t: -behavior(x, t, s), data.actions[idx], behavior.schedule,
+                                    generator=gen)
+
+
+def aepo_target(cfg: EnergyConfig, behavior: ScoreNet, q: TwinQ, s: torch.Tensor, table=None):
+    """(a_t [G, K, d], t [G, 1]) → Êt(s, a_t) [G, K]: AEPO's regression target for states s [G, s_dim]."""
+    schedule = behavior.schedule
+
+    def target(at, t):
+        alpha, sigma = schedule.alpha(t)[..., None], schedule.sigma(t)[..., None]     # [G, 1, 1]
+        iso = analytic.interpolate(table, t)[..., None] if cfg.covariance == "isotropic" else None
+        E, _ = analytic.log_expectation(lambda x: -behavior(x, t, s[:, None, :]), lambda a, ss: cfg.beta * q.min(a, ss),
+                                        at, s, alpha, sigma, cfg.covariance, cfg.order, iso)
+        return E
+    return target
+
+
 def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transitions, schedule: VPSchedule, *,
-                 seed: int = 0, ckpt_path: Path | None = None, callback: Callback | None = None,
-                 parallel: Parallel = SINGLE) -> EnergyNet:
-    """fφ on the frozen Q̄: per state, the K support actions share one t ~ U(1e-3, 1) of the behaviour's
-    schedule; labels β·Q̄(s, â) (cep: contrastive; mse: regression)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"energy.method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if cfg.method == "dps":
-        raise ValueError("energy.method 'dps' trains no energy model (it guides with β·Q̄ directly)")
+                 behavior: ScoreNet | None = None, seed: int = 0, ckpt_path: Path | None = None,
+                 callback: Callback | None = None, parallel: Parallel = SINGLE) -> EnergyNet:
+    """fφ on the frozen Q̄ with t ~ U(1e-3, 1) of the behaviour's schedule: cep on the K support actions of
+    each state (one t per state, labels softmax β·Q̄), mse regressing β·Q̄(s, a0), aepo regressing AEPO's
+    target Êt(s, a_t) (which needs the behaviour model); see EnergyConfig.actions for the clean actions."""
+    if cfg.method not in ENERGY_METHODS:
+        raise ValueError(f"energy.method {cfg.method!r} trains no energy model (it guides with β·Q̄ directly); "
+                         f"the energy stage takes one of {', '.join(ENERGY_METHODS)}")
+    if cfg.method == "aepo" and behavior is None:
+        raise ValueError("energy.method 'aepo' needs the behaviour model (its target uses εθ's posterior)")
     device = data.obs.device
     energy = build_energy(cfg, data.state_dim, data.action_dim, seed).to(device)
     q = q.to(device).requires_grad_(False)
+    if behavior is not None:
+        behavior = behavior.to(device).requires_grad_(False)
     opt = adam(energy.parameters(), cfg.lr)
     sched = lr_scheduler(opt, cfg.lr_schedule, cfg.steps)
     local_bs = parallel.local_batch(cfg.batch_size, "energy.batch_size")
@@ -336,17 +363,21 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
             "action_dim": data.action_dim}
     gen, start, snapshot = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel,
                                    sched)
+    table = iso_table(behavior, data, seed) if cfg.method == "aepo" and cfg.covariance == "isotropic" else None
     f_net = parallel.wrap(energy)
+    on_support = cfg.train_actions() == "support"
 
     loop = Loop("energy", cfg.steps, ("energy_loss", "q_mean", "q_std"), device, cfg.log_every,
                 cfg.ckpt_every, ckpt_path, snapshot, callback, start)
     n = len(data)
     for _ in range(start, cfg.steps):
         idx = torch.randint(n, (local_bs,), device=device, generator=gen)
-        s, sup = data.obs[idx], support.at_obs(idx)
+        s = data.obs[idx]
+        a0 = support.at_obs(idx) if on_support else data.actions[idx][:, None, :]      # [G, K or 1, d]
         with torch.no_grad():
-            qs = q.min(sup, s)
-        lf = energy_loss(cfg.method, f_net, sup, s, cfg.beta * qs, schedule, gen)
+            qs = q.min(a0, s)
+        target = aepo_target(cfg, behavior, q, s, table) if cfg.method == "aepo" else cfg.beta * qs
+        lf = energy_loss(cfg.method, f_net, a0, s, target, schedule, gen)
         opt.zero_grad(set_to_none=True)
         lf.backward()
         opt.step()
