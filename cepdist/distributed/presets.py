@@ -30,20 +30,21 @@ def preset(name: str) -> StudyConfig:
                                     ckpt_every=150),
                 sampler=SolverConfig(steps=5)))
     if name == "local":
-        # budgets for ≈75 min of compute on 2 CPU cores (9 trials, two at a time, one core each); per
-        # (task, seed): ≈5 min behaviour (6k steps at ≈20/s), ≈3.5 min support (50k next states × 8 at
-        # ≈1.9k/s; 7 min for the 100k-row medium-expert), Q 3k steps then fφ 4k steps on the frozen Q̄, and
-        # 2 evaluations of 5 episodes × 5 scales inside the trial (eval_actors=0). Short schedules take
-        # larger steps than the reference (behaviour lr 1e-3 instead of 1e-4, fφ 1e-3 instead of 3e-4).
-        # β = 30, not 3: after 3k Q steps Q̄ is ≈10× below its converged scale (≈15 against ≈150 on hopper),
-        # and so are its differences between a state's support actions (≈0.2). At β = 3 the CEP labels are
-        # nearly uniform (entropy 2.03 against log 8 = 2.08) and fφ learns nothing (loss stays at log K)
+        # the CPU configuration, chosen by measurement (benchmarks/behavior_levers.py, README "A CPU
+        # configuration"): on hopper-medium-local (dataset score 35.7) the reference-size behaviour model
+        # reached 17.2 after 12k steps (10 min of a core), 26.9 with an EMA of its weights; the (128, 64, 32)
+        # model with the EMA reached 34.8 after 17.5k steps (2.8 min at ≈120 steps/s). Support 50k next states
+        # × 8; Q 3k steps, then fφ 4k steps on the frozen Q̄; evaluations inside the trial (eval_actors=0).
+        # Short schedules take larger steps than the reference (behaviour lr 1e-3 instead of 1e-4, fφ 1e-3
+        # instead of 3e-4). β = 30, not 3: after 3k Q steps Q̄ is ≈10× below its converged scale (≈15 against
+        # ≈150 on hopper), and so are its differences between a state's support actions (≈0.2). At β = 3 the
+        # CEP labels are nearly uniform (entropy 2.03 against log 8 = 2.08) and fφ learns nothing
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
             seeds=(0, 1, 2), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
             dataset_rows=50_000, eval_episodes=5, eval_every=2000, eval_actors=0, trial_cpus=1,
-            base=QGPOConfig(behavior=BehaviorConfig(steps=6000, batch_size=256, lr=1e-3, log_every=500,
-                                                    ckpt_every=2000),
+            base=QGPOConfig(behavior=BehaviorConfig(widths=(128, 64, 32), steps=20_000, batch_size=256, lr=1e-3,
+                                                    ema=0.999, log_every=2000, ckpt_every=5000),
                             support=SupportConfig(K=8, batch_states=512),
                             q=QConfig(steps=3000, reward=None, log_every=250, ckpt_every=1000),
                             energy=EnergyConfig(beta=30.0, steps=4000, lr=1e-3, log_every=250, ckpt_every=2000)))
