@@ -157,7 +157,7 @@ def test_prior_covariance_is_clipped_and_isotropic_table_matches_exact_variance(
     alpha, sigma = ab(0.95)
     at = torch.zeros(3, 2)
     eps_of = lambda x: mix.eps(x, alpha, sigma)
-    _, S, _ = posterior(eps_of, at, alpha, sigma, "prior", prior_clip=1.0)
+    _, S, _ = posterior(eps_of, at, alpha, sigma, "prior", max_var=1.0)
     assert float(S[0, 0, 0]) == pytest.approx(min(float((sigma / alpha) ** 2), 1.0))
     # the isotropic factor: (σ²/α²)(1 − E‖ε‖²/d) equals the exact posterior variance 1/(1/c + α²/σ²)
     gen = torch.Generator().manual_seed(0)

@@ -23,7 +23,7 @@ from ..core.guidance import METHODS, VALUE_METHODS, energy_loss, guided_sample, 
 from ..core.nets import EnergyNet, ValueNet
 from .loop import Loop, resume_state
 from .qgpo.config import BehaviorConfig, SolverConfig
-from .qgpo.stages import adam, make_schedule, plan_for, seed_generator, train_behavior
+from .qgpo.stages import adam, make_schedule, max_variance, plan_for, seed_generator, train_behavior
 
 log = logging.getLogger("cepdist")
 DATASETS = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")
@@ -144,6 +144,11 @@ class ToyModels:
             self._data = torch.from_numpy(x).to(self.device), torch.from_numpy(e).to(self.device)
         return self._data
 
+    @property
+    def max_var(self) -> float:
+        """The data's largest variance: the cap on the posterior covariance of aepo and dps."""
+        return max_variance(self.data[0])
+
     def behavior(self):
         if self._behavior is None:
             x, _ = self.data
@@ -185,11 +190,13 @@ class ToyModels:
         net = EnergyNet(2, 0, self.preset.energy_hidden)
         if method == "aepo":
             behavior, value, p = self.behavior().requires_grad_(False), self.value(), self.preset
+            max_var = self.max_var
 
             def target(at, t):
                 a, s = self.schedule.alpha(t)[..., None], self.schedule.sigma(t)[..., None]
                 return analytic.log_expectation(lambda x: -behavior(x, t, None), lambda x, _: beta * value(x), at,
-                                                None, a, s, p.aepo_covariance, p.aepo_order)[0]
+                                                None, a, s, p.aepo_covariance, p.aepo_order, None, max_var,
+                                                (beta * float(self.data[1].min()), beta * float(self.data[1].max())))[0]
 
         def loss(f, gen):
             x0, e0 = self._batch(gen)
@@ -215,8 +222,9 @@ class ToyModels:
         if beta != 0:
             if method in VALUE_METHODS:
                 v = self.value().requires_grad_(False)
-                opts = ({"covariance": self.preset.aepo_covariance, "order": self.preset.aepo_order}
-                        if method == "aepo-analytic" else {})
+                opts = {"max_var": self.max_var}
+                if method == "aepo-analytic":
+                    opts.update(covariance=self.preset.aepo_covariance, order=self.preset.aepo_order)
                 guidance = make_guidance(method, value=lambda a, s: beta * v(a), **opts)
             else:
                 guidance = make_guidance(method, self.energy(method, beta))

@@ -8,7 +8,8 @@ AEPO approximates the behaviour posterior μ(a0 | at, s) by a Gaussian N(m, Σ) 
     m = (at − σt·εθ)/αt                                  (Tweedie; exact)
     Σ: "jacobian"  (σt²/αt²)·(I − σt·∂εθ/∂at)            (second-order Tweedie; symmetrised, eigenvalues ≥ 0)
        "isotropic" (σt²/αt²)·(1 − E‖εθ‖²/d)·I            (the expectation tabulated per t from data)
-       "prior"     min(σt²/αt², clip)·I                   (diverges as αt → 0 without the clip)
+       "prior"     (σt²/αt²)·I                            (diverges as αt → 0 without the cap)
+    each with its eigenvalues capped at max_var (see `posterior`)
 and expands V around m (g = ∇V(m), H = ∇²V(m)):
     order 1:  Êt = V(m) + ½·gᵀΣg,               E_π − E_μ ≈ Σg
     order 2:  Êt = V(m) + ½·gᵀ(Σ⁻¹ − H)⁻¹g − ½·log det(I − ΣH),   E_π − E_μ ≈ (Σ⁻¹ − H)⁻¹g
@@ -50,25 +51,28 @@ def _jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, creat
     return y, torch.stack(rows, -2)
 
 
-def _psd(S: torch.Tensor) -> torch.Tensor:
+def _psd(S: torch.Tensor, max_var: float) -> torch.Tensor:
     S = 0.5 * (S + S.transpose(-1, -2))
     lam, U = torch.linalg.eigh(S)
-    return (U * lam.clamp_min(0.0).unsqueeze(-2)) @ U.transpose(-1, -2)
+    return (U * lam.clamp(0.0, max_var).unsqueeze(-2)) @ U.transpose(-1, -2)
 
 
 def posterior(eps_of: EpsOf, at: torch.Tensor, alpha, sigma, covariance: str = "jacobian",
-              iso: torch.Tensor | float | None = None, prior_clip: float = 1.0):
+              iso: torch.Tensor | float | None = None, max_var: float = 1.0):
     """Gaussian approximation N(m, Σ) of μ(a0 | at): m [..., d], Σ [..., d, d], and εθ [..., d].
 
-    alpha, sigma: broadcastable to at[..., :1]; iso (isotropic only): 1 − E‖εθ‖²/d at this t, likewise."""
+    alpha, sigma: broadcastable to at[..., :1]; iso (isotropic only): 1 − E‖εθ‖²/d at this t, likewise.
+    Σ's eigenvalues are capped at max_var, a bound on the variance of the clean data along any direction
+    (1 for actions in [−1, 1]): every estimate of Σ carries the factor σt²/αt² (≈2·10⁴ at t = 1), which
+    turns small errors of a learned εθ into posterior variances of 10²–10³ on a toy whose data variance
+    is 4 (and AEPO targets of 10⁴ on hopper)."""
     d = at.shape[-1]
     alpha, sigma = (torch.as_tensor(v, device=at.device, dtype=at.dtype) for v in (alpha, sigma))
     eye = torch.eye(d, device=at.device, dtype=at.dtype)
     r = (sigma / alpha) ** 2 * torch.ones_like(at[..., :1])          # [..., 1]
     if covariance == "jacobian":
         eps, J = _jacobian(eps_of, at)
-        S = r[..., None] * (eye - sigma[..., None] * J)
-        S = _psd(S)
+        S = _psd(r[..., None] * (eye - sigma[..., None] * J), max_var)
     else:
         eps = eps_of(at)
         if covariance == "isotropic":
@@ -76,10 +80,10 @@ def posterior(eps_of: EpsOf, at: torch.Tensor, alpha, sigma, covariance: str = "
                 raise ValueError("the isotropic covariance needs 1 − E‖εθ‖²/d at this t (see isotropic_table)")
             v = r * torch.as_tensor(iso, device=at.device, dtype=at.dtype).clamp(0.0, 1.0)
         elif covariance == "prior":
-            v = r.clamp_max(prior_clip)
+            v = r
         else:
             check_options(covariance, 1)
-        S = v[..., None] * eye
+        S = v.clamp_max(max_var)[..., None] * eye
     m = (at - sigma * eps) / alpha
     return m.detach(), S.detach(), eps.detach()
 
@@ -113,16 +117,25 @@ def tilt(value: Value, s: torch.Tensor | None, m: torch.Tensor, S: torch.Tensor,
 
 
 def log_expectation(eps_of: EpsOf, value: Value, at: torch.Tensor, s: torch.Tensor | None, alpha, sigma,
-                    covariance: str = "jacobian", order: int = 1, iso=None, prior_clip: float = 1.0):
-    """Êt(s, at) (AEPO's stop-gradient regression target) and δ; see `posterior` and `tilt`."""
-    m, S, _ = posterior(eps_of, at, alpha, sigma, covariance, iso, prior_clip)
-    return tilt(value, s, m, S, order)
+                    covariance: str = "jacobian", order: int = 1, iso=None, max_var: float = 1.0,
+                    bounds: tuple | None = None):
+    """Êt(s, at) (AEPO's stop-gradient regression target) and δ; see `posterior` and `tilt`.
+
+    bounds=(lo, hi): the range of V over the data. The exact Et = log E e^V lies in it, but the Gaussian
+    expansion's ½gᵀΣg leaves it at high noise, where the posterior is wide and multimodal (by 10³–10⁴ nats on
+    the 2-D toys at β = 10, which made the regressed fφ useless), so Êt is clipped to it."""
+    m, S, _ = posterior(eps_of, at, alpha, sigma, covariance, iso, max_var)
+    E, delta = tilt(value, s, m, S, order)
+    if bounds is not None:
+        E = E.clamp(*bounds)
+    return E, delta
 
 
 def analytic_grad(eps_of: EpsOf, value: Value, at: torch.Tensor, s: torch.Tensor | None, alpha, sigma,
-                  covariance: str = "jacobian", order: int = 1, iso=None, prior_clip: float = 1.0):
-    """εθ(at) and the analytic guidance ∇_at Et ≈ (αt/σt²)·δ."""
-    m, S, eps = posterior(eps_of, at, alpha, sigma, covariance, iso, prior_clip)
+                  covariance: str = "jacobian", order: int = 1, iso=None, max_var: float = 1.0):
+    """εθ(at) and the analytic guidance ∇_at Et ≈ (αt/σt²)·δ. With the raw Jacobian and no cap, order 1 is
+    exactly DPS's gradient through the Tweedie estimate, since ∂m/∂at = (αt/σt²)·Σ."""
+    m, S, eps = posterior(eps_of, at, alpha, sigma, covariance, iso, max_var)
     _, delta = tilt(value, s, m, S, order)
     alpha, sigma = (torch.as_tensor(v, device=at.device, dtype=at.dtype) for v in (alpha, sigma))
     return eps, (alpha / sigma ** 2) * delta

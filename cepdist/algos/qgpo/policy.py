@@ -15,8 +15,8 @@ from ...core.nets import EnergyNet, ScoreNet, TwinQ
 from ...data.transitions import Transitions
 from ..loop import Callback
 from .config import EnergyConfig, QGPOConfig, SolverConfig, check
-from .stages import (generate_support, iso_table, load_behavior, load_energy, load_q, plan_for, seed_generator,
-                     train_behavior, train_energy, train_q)
+from .stages import (generate_support, iso_table, load_behavior, load_energy, load_q, max_variance, plan_for,
+                     seed_generator, train_behavior, train_energy, train_q)
 
 
 class GuidedPolicy:
@@ -25,7 +25,8 @@ class GuidedPolicy:
     def __init__(self, behavior: ScoreNet, method: str = "cep", *, energy: EnergyNet | None = None,
                  q: TwinQ | None = None, beta: float | None = None, solver: SolverConfig | None = None,
                  seed: int = 0, analytic: dict | None = None):
-        """analytic: aepo-analytic's estimator options (covariance, order, iso_table)."""
+        """analytic: the estimator options of dps (max_var) and aepo-analytic (covariance, order, iso_table,
+        max_var), from `analytic_options`."""
         self.behavior = behavior.eval()
         self.schedule = behavior.schedule
         self.solver = solver or SolverConfig()
@@ -35,8 +36,7 @@ class GuidedPolicy:
             if beta is None:
                 raise ValueError(f"{method} guidance needs β (energy.beta)")
             q = q.requires_grad_(False)
-            self.guidance = make_guidance(method, value=lambda a, s: beta * q.min(a, s),
-                                          **((analytic or {}) if method == "aepo-analytic" else {}))
+            self.guidance = make_guidance(method, value=lambda a, s: beta * q.min(a, s), **(analytic or {}))
         elif method not in VALUE_METHODS and energy is not None:
             self.guidance = make_guidance(method, energy)
         self.device = next(behavior.parameters()).device
@@ -75,11 +75,15 @@ def load_policy(behavior, method: str, *, energy=None, q=None, beta: float | Non
 
 
 def analytic_options(cfg: EnergyConfig, behavior: ScoreNet, data: Transitions, seed: int = 0) -> dict | None:
-    """aepo-analytic's estimator options from the energy config (with the isotropic table when needed)."""
-    if cfg.method != "aepo-analytic":
+    """The options of the methods that guide with β·Q̄ directly: the data's largest action variance (dps,
+    aepo-analytic) and aepo-analytic's estimator settings (with the isotropic table when needed)."""
+    if cfg.method not in VALUE_METHODS:
         return None
-    table = iso_table(behavior, data, seed) if cfg.covariance == "isotropic" else None
-    return {"covariance": cfg.covariance, "order": cfg.order, "iso_table": table}
+    out = {"max_var": max_variance(data.actions)}
+    if cfg.method == "aepo-analytic":
+        out.update(covariance=cfg.covariance, order=cfg.order,
+                   iso_table=iso_table(behavior, data, seed) if cfg.covariance == "isotropic" else None)
+    return out
 
 
 def run_qgpo(cfg: QGPOConfig, data: Transitions, out_dir: Path | None = None,

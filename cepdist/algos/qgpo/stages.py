@@ -326,15 +326,23 @@ def iso_table(behavior: ScoreNet, data: Transitions, seed: int = 0, rows: int = 
                                     generator=gen)
 
 
-def aepo_target(cfg: EnergyConfig, behavior: ScoreNet, q: TwinQ, s: torch.Tensor, table=None):
-    """(a_t [G, K, d], t [G, 1]) → Êt(s, a_t) [G, K]: AEPO's regression target for states s [G, s_dim]."""
+def max_variance(actions: torch.Tensor) -> float:
+    """The largest variance of the data's actions along any direction: the cap on AEPO's (and DPS's)
+    posterior covariance (core/analytic.py `posterior`)."""
+    return float(torch.linalg.eigvalsh(torch.cov(actions.reshape(-1, actions.shape[-1]).T.double())).max())
+
+
+def aepo_target(cfg: EnergyConfig, behavior: ScoreNet, q: TwinQ, s: torch.Tensor, max_var: float, bounds: tuple,
+                table=None):
+    """(a_t [G, K, d], t [G, 1]) → Êt(s, a_t) [G, K]: AEPO's regression target for states s [G, s_dim],
+    clipped to `bounds` (β·Q̄'s range on the batch's clean actions)."""
     schedule = behavior.schedule
 
     def target(at, t):
         alpha, sigma = schedule.alpha(t)[..., None], schedule.sigma(t)[..., None]     # [G, 1, 1]
         iso = analytic.interpolate(table, t)[..., None] if cfg.covariance == "isotropic" else None
         E, _ = analytic.log_expectation(lambda x: -behavior(x, t, s[:, None, :]), lambda a, ss: cfg.beta * q.min(a, ss),
-                                        at, s, alpha, sigma, cfg.covariance, cfg.order, iso)
+                                        at, s, alpha, sigma, cfg.covariance, cfg.order, iso, max_var, bounds)
         return E
     return target
 
@@ -364,6 +372,7 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
     gen, start, snapshot = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel,
                                    sched)
     table = iso_table(behavior, data, seed) if cfg.method == "aepo" and cfg.covariance == "isotropic" else None
+    max_var = max_variance(data.actions)
     f_net = parallel.wrap(energy)
     on_support = cfg.train_actions() == "support"
 
@@ -376,7 +385,9 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
         a0 = support.at_obs(idx) if on_support else data.actions[idx][:, None, :]      # [G, K or 1, d]
         with torch.no_grad():
             qs = q.min(a0, s)
-        target = aepo_target(cfg, behavior, q, s, table) if cfg.method == "aepo" else cfg.beta * qs
+        target = cfg.beta * qs
+        if cfg.method == "aepo":
+            target = aepo_target(cfg, behavior, q, s, max_var, (target.min(), target.max()), table)
         lf = energy_loss(cfg.method, f_net, a0, s, target, schedule, gen)
         opt.zero_grad(set_to_none=True)
         lf.backward()
