@@ -5,9 +5,12 @@ behaviour-model training steps/s at batch 4096 and 256 (fp32 and bf16 autocast),
 energy-stage iterations/s (batch 256 × K = 16) and their combination as the reference's critic iteration
 (one Q update + one CEP update), guided sampling actions/s at state batches 1, 10, 100,
 1000 (15 steps, 2nd-order DPM-Solver++, w = 1), and support-action generation samples/s (w = 0).
+AEPO (reconstructed): energy-stage iterations/s of `aepo` for each order and covariance (batch 256 dataset
+actions, each with its own t; cep's batch is 256 states × 16 support actions), and guided-sampling actions/s of
+`aepo-analytic` (order 1 and 2, Jacobian covariance) beside cep's.
 Stage rates are the difference of two runs of different lengths, so set-up time is excluded.
 
-    python benchmarks/core.py [--device cuda] [--quick] [--out FILE]
+    python benchmarks/core.py [--device cuda] [--quick] [--only aepo] [--out FILE]
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from cepdist.algos.qgpo.config import BehaviorConfig, EnergyConfig, QConfig, Sup
 from cepdist.algos.qgpo.policy import GuidedPolicy
 from cepdist.algos.qgpo.stages import (SupportSet, build_energy, build_q, generate_support, state_table,
                                        train_behavior, train_energy, train_q)
+from cepdist.core.analytic import COVARIANCES, ORDERS
 from cepdist.data.transitions import Transitions
 
 S_DIM, A_DIM = 17, 6
@@ -71,15 +75,55 @@ def fake_data(n, device):
                        torch.randn(n, S_DIM, generator=g), torch.zeros(n), torch.zeros(n, dtype=torch.bool)).to(device)
 
 
+def aepo_rates(data: Transitions, device, q: int) -> dict[str, float]:
+    """AEPO's energy stage per order × covariance, and aepo-analytic's sampling, beside cep's."""
+    res = {}
+    M = 16
+    support = SupportSet(torch.randn(len(data), M, A_DIM, device=device), torch.arange(len(data), device=device),
+                         torch.arange(len(data), device=device))
+    behavior = train_behavior(BehaviorConfig(steps=0), data.obs, data.actions).to(device)
+    q_target = build_q(QConfig(), S_DIM, A_DIM)[1].to(device)
+    quiet = dict(log_every=10**9, ckpt_every=10**9)
+    for order in ORDERS:
+        for cov in COVARIANCES:
+            key = f"energy_aepo_o{order}_{cov}"
+            cfg = dict(method="aepo", order=order, covariance=cov, **quiet)
+            res[key] = rate_of(lambda k: train_energy(EnergyConfig(steps=k, **cfg), q_target, support, data,
+                                                      behavior.schedule, behavior=behavior), 2, 2 + 10 * q, device)
+            print(f"{key:24s} {res[key]:10.2f} it/s (aepo regression, 256 dataset actions)")
+    energy = build_energy(EnergyConfig(), S_DIM, A_DIM).to(device)
+    for name, policy in (("cep", GuidedPolicy(behavior, energy=energy)),
+                         ("aepo_analytic_o1", GuidedPolicy(behavior, "aepo-analytic", q=q_target, beta=3.0,
+                                                           analytic={"order": 1, "max_var": 1.0})),
+                         ("aepo_analytic_o2", GuidedPolicy(behavior, "aepo-analytic", q=q_target, beta=3.0,
+                                                           analytic={"order": 2, "max_var": 1.0}))):
+        for b in (1, 100):
+            states = data.obs[:b]
+            policy(states, w=1.0)
+            reps = max(2, int(100 / b)) * q
+            key = f"sample_{name}_{b}"
+            res[key] = b * reps / timed(lambda: [policy(states, w=1.0) for _ in range(reps)], device)
+            print(f"{key:24s} {res[key]:10.1f} actions/s (15 steps, w=1)")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
+    ap.add_argument("--only", choices=("aepo",), help="measure only this part (results merged into --out)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "core.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
     q = 1 if args.quick else 2
     data = fake_data(20_000, device)
+    out = Path(args.out)
+    if args.only:
+        old = json.loads(out.read_text()) if out.is_file() else {"results": {}}
+        old["results"].update(aepo_rates(data, device, q))
+        out.write_text(json.dumps(old, indent=2))
+        print(f"wrote {out}")
+        return
     res: dict[str, float] = {}
 
     for bs, (k1, k2) in ((4096, (2, 2 + 5 * q)), (256, (5, 5 + 40 * q))):
@@ -125,10 +169,10 @@ def main():
     res["support"] = (n2 - n1) * M / (t2 - t1)
     print(f"{'support':24s} {res['support']:10.1f} samples/s (256 states × 16, 15 steps, w=0)")
 
+    res.update(aepo_rates(data, device, q))
     print("\nspeed-up over the reference implementation on 2 CPU cores:")
     for k, ref in REFERENCE.items():
         print(f"  {k:16s} {res[k] / ref:6.2f}x" + (f"   (bf16: {res[k + '_bf16'] / ref:.2f}x)" if k + "_bf16" in res else ""))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": str(device), "cpu": cpu_model(),
                                "threads": torch.get_num_threads(), "torch": torch.__version__,
