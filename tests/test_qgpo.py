@@ -91,6 +91,50 @@ def test_same_seed_same_numbers_and_resume_after_interruption(tmp_path):
     assert torch.equal(torch.cat([p.flatten() for p in resumed.parameters()]), pa)
 
 
+def test_ema_samples_with_the_average_and_resumes_with_the_cosine_schedule(tmp_path):
+    """behavior.ema keeps a moving average (what load_behavior returns and the policy samples with), equal to
+    the recursion computed by hand; the cosine schedule ends at 0; an interrupted run resumes both exactly."""
+    from cepdist.algos.qgpo.stages import load_behavior
+    data, _ = bandit_dataset(1000)
+    cfg = BehaviorConfig(widths=(16, 8, 4), steps=30, batch_size=64, lr=1e-2, ema=0.9, lr_schedule="cosine",
+                         log_every=10, ckpt_every=10)
+    raw = replace(cfg, ema=0.0)
+    seen = {}
+
+    def spy(stage, step, metrics, ck):
+        if ck is not None:
+            seen[step] = torch.load(ck, weights_only=True)
+    full = train_behavior(cfg, data.obs, data.actions, seed=1, ckpt_path=tmp_path / "a.pt", callback=spy)
+    plain = train_behavior(raw, data.obs, data.actions, seed=1)
+    ck = seen[30]
+    flat = lambda sd: torch.cat([v.flatten() for v in sd.values()])
+    assert torch.equal(flat(ck["model"]), flat(plain.state_dict()))        # the EMA does not change training
+    assert not torch.allclose(flat(ck["ema"]), flat(ck["model"]))
+    assert torch.equal(flat(load_behavior(ck).state_dict()), flat(ck["ema"]))
+    assert torch.equal(flat(full.state_dict()), flat(ck["ema"]))
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # the average by hand (constant rate, so shorter runs follow the same path): from the initial weights,
+    # e ← e + (1 − d_i)(θ_{i+1} − e) with d_i = min(0.9, (1+i)/(10+i))
+    const = replace(cfg, lr_schedule="constant", steps=12)
+    avg = flat(train_behavior(const, data.obs, data.actions, seed=1).state_dict())
+    e = flat(train_behavior(replace(const, steps=0, ema=0.0), data.obs, data.actions, seed=1).state_dict())
+    for i in range(12):
+        theta = flat(train_behavior(replace(const, steps=i + 1, ema=0.0), data.obs, data.actions, seed=1).state_dict())
+        e = e + (1 - min(0.9, (1 + i) / (10 + i))) * (theta - e)
+    assert torch.allclose(e, avg, atol=1e-5)
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, step, metrics, ck):
+        if step == 20:
+            raise Stop
+    with pytest.raises(Stop):
+        train_behavior(cfg, data.obs, data.actions, seed=1, ckpt_path=tmp_path / "b.pt", callback=stop)
+    resumed = train_behavior(cfg, data.obs, data.actions, seed=1, ckpt_path=tmp_path / "b.pt")
+    assert torch.equal(flat(resumed.state_dict()), flat(ck["ema"]))
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data, _ = bandit_dataset(1000)
     cfg = small_cfg(**{"q.steps": 300, "q.log_every": 50, "q.ckpt_every": 100, "behavior.steps": 20})
