@@ -1,0 +1,100 @@
+"""An established library's IQL (d3rlpy 2.8.1) on the same data, seeds and test episodes as a cepdist study,
+scored per minute of training compute, for the equal-compute comparison of the CPU study.
+
+IQL with Kostrikov et al.'s locomotion settings (expectile 0.7, temperature 3, τ 0.005, γ 0.99, Adam 3e-4,
+batch 256, rewards scaled by 1000 / (max − min episode return)), trained on one thread on the task's
+dataset file, evaluated deterministically on the study's test episodes (reset seeds of the study's
+evaluation of that seed: validation episodes first, then `--episodes` test episodes) whenever its training
+compute crosses one of `--at-minutes`. Writes benchmarks/results/iql-<task>.json.
+
+d3rlpy pins gymnasium 1.0.0, which cepdist does not use, so it is not a dependency; install it beside
+cepdist in a separate environment:
+
+    python -m venv .venv-iql && .venv-iql/bin/pip install -r requirements-cpu.txt -e . \\
+        && .venv-iql/bin/pip install --no-deps d3rlpy==2.8.1 \\
+        && .venv-iql/bin/pip install tqdm "gym>=0.26" click structlog colorama dataclasses-json scikit-learn
+    .venv-iql/bin/python benchmarks/iql_baseline.py --task hopper-medium-local --seeds 0 1 2 --data-root DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cepdist.data import datasets
+from cepdist.envs.environments import make_env
+
+EVAL_SEED = 10_000                  # the study's evaluation seed offset (distributed/trials.py)
+
+
+def evaluate(iql, task, seed: int, n_val: int, episodes: int) -> list[float]:
+    """Normalised scores of the study's test episodes of this seed (reset seeds after its validation ones)."""
+    base = (EVAL_SEED + seed) * 100_003
+    scores = []
+    for e in range(n_val, n_val + episodes):
+        env = make_env(task, task.episode_length)
+        obs, ret, done = env.reset(seed=base + e)[0], 0.0, False
+        while not done:
+            a = iql.predict(obs[None].astype(np.float32))[0]
+            obs, r, term, trunc, _ = env.step(np.clip(a, env.action_space.low, env.action_space.high))
+            ret += r
+            done = term or trunc
+        env.close()
+        scores.append(float(task.normalized_score(np.array(ret))))
+    return scores
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="hopper-medium-local")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data-root")
+    ap.add_argument("--at-minutes", type=float, nargs="+", default=[2.5, 5.0, 10.0],
+                    help="evaluate when the training compute reaches each of these")
+    ap.add_argument("--episodes", type=int, default=5, help="test episodes (the local preset's eval_episodes)")
+    ap.add_argument("--val-episodes", type=int, default=5, help="the study's validation episodes (skipped)")
+    ap.add_argument("--chunk", type=int, default=500, help="gradient steps between compute checks")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    import d3rlpy
+    torch.set_num_threads(1)
+    arr, task = datasets.load_arrays(a.task, root=Path(a.data_root) if a.data_root else None)
+    dataset = d3rlpy.dataset.MDPDataset(arr["observations"].astype(np.float32), arr["actions"].astype(np.float32),
+                                        arr["rewards"].astype(np.float32), arr["terminals"].astype(np.float32),
+                                        timeouts=arr["timeouts"].astype(np.float32))
+    dataset_score = datasets.dataset_score(arr, task)
+    out = Path(a.out or Path(__file__).parent / "results" / f"iql-{a.task}.json")
+    rows = []
+    for seed in a.seeds:
+        d3rlpy.seed(seed)
+        iql = d3rlpy.algos.IQLConfig(
+            batch_size=256, gamma=0.99, actor_learning_rate=3e-4, critic_learning_rate=3e-4, tau=0.005,
+            expectile=0.7, weight_temp=3.0, max_weight=100.0,
+            reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0)).create(device="cpu:0")
+        iql.build_with_dataset(dataset)
+        compute, steps = 0.0, 0
+        for target in sorted(a.at_minutes):
+            while compute < target * 60:
+                t0 = time.perf_counter()
+                iql.fit(dataset, n_steps=a.chunk, n_steps_per_epoch=a.chunk, show_progress=False,
+                        logger_adapter=d3rlpy.logging.NoopAdapterFactory(), save_interval=10**9)
+                compute += time.perf_counter() - t0
+                steps += a.chunk
+            scores = evaluate(iql, task, seed, a.val_episodes, a.episodes)
+            rows.append({"seed": seed, "minutes": compute / 60, "steps": steps, "score": float(np.mean(scores)),
+                         "scores": scores})
+            print(f"{a.task} seed {seed}: IQL {np.mean(scores):.1f} after {steps} steps "
+                  f"({compute / 60:.1f} min of training)", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"task": a.task, "library": f"d3rlpy {d3rlpy.__version__}",
+                                       "dataset_score": dataset_score, "episodes": a.episodes,
+                                       "evaluations": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
