@@ -110,14 +110,14 @@ def test_a_non_default_noise_schedule_reaches_every_stage(cluster, tmp_path):
 
 
 def test_guidance_methods_share_behaviour_support_and_q(cluster, tmp_path):
-    """--methods cep aepo aepo-analytic dps: one behaviour, support and Q stage; an energy stage for each of
-    cep and aepo (the aepo one regressed onto its analytic target); every method in the table and the report."""
+    """--methods cep aepo aepo-analytic: one behaviour, support and Q stage; an energy stage for each of cep
+    and aepo (the aepo one regressed onto its analytic target); every method in the table and the report."""
     from cepdist.analysis.report import build
     from cepdist.distributed.trials import fetch
-    methods = ("cep", "aepo", "aepo-analytic", "dps")
+    methods = ("cep", "aepo", "aepo-analytic")
     study = tiny_study(tmp_path, "methods", seeds=(0,), methods=methods)
     summary = run_study(study, tmp_path / "out")
-    assert summary["executions"] == {"behavior": 1, "support": 1, "q": 1, "energy": 2, "evaluation": 4}
+    assert summary["executions"] == {"behavior": 1, "support": 1, "q": 1, "energy": 2, "evaluation": 3}
     table = pd.read_parquet(summary["results_table"])
     assert set(table.method) == set(methods)
     assert table.score.notna().all()
