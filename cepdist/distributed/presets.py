@@ -34,11 +34,13 @@ def preset(name: str) -> StudyConfig:
         # configuration"): on hopper-medium-local (dataset score 35.7) the reference-size behaviour model
         # reached 17.2 after 12k steps (10 min of a core), 26.9 with an EMA of its weights; the (128, 64, 32)
         # model with the EMA reached 34.8 after 17.5k steps (2.8 min at ≈120 steps/s). Support 50k next states
-        # × 8; Q 3k steps, then fφ 4k steps on the frozen Q̄; evaluations inside the trial (eval_actors=0).
-        # Short schedules take larger steps than the reference (behaviour lr 1e-3 instead of 1e-4, fφ 1e-3
-        # instead of 3e-4). β = 30, not 3: after 3k Q steps Q̄ is ≈10× below its converged scale (≈15 against
-        # ≈150 on hopper), and so are its differences between a state's support actions (≈0.2). At β = 3 the
-        # CEP labels are nearly uniform (entropy 2.03 against log 8 = 2.08) and fφ learns nothing
+        # × 8; Q 12k steps (≈5.5 min), then fφ 4k steps on the frozen Q̄; evaluations inside the trial
+        # (eval_actors=0). Short schedules take larger steps than the reference (behaviour lr 1e-3 instead of
+        # 1e-4, fφ 1e-3 instead of 3e-4). Q is the critic lever: after 3k steps Q̄ is ≈16 on hopper (≈150
+        # converged) and its spread over a state's 8 support actions 0.13 (CEP label entropy 1.75 at β = 30
+        # against log 8 = 2.08); after 12k steps Q̄ is ≈52 and the spread 0.32 (entropy 1.31), and every
+        # w ∈ {1, 3, 5} beat w = 0 at β = 30 (one seed, 5 episodes). β = 30, not 3: at β = 3 the labels are
+        # nearly uniform and fφ learns nothing
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
             seeds=(0, 1, 2), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
@@ -46,6 +48,6 @@ def preset(name: str) -> StudyConfig:
             base=QGPOConfig(behavior=BehaviorConfig(widths=(128, 64, 32), steps=20_000, batch_size=256, lr=1e-3,
                                                     ema=0.999, log_every=2000, ckpt_every=5000),
                             support=SupportConfig(K=8, batch_states=512),
-                            q=QConfig(steps=3000, reward=None, log_every=250, ckpt_every=1000),
+                            q=QConfig(steps=12_000, reward=None, log_every=1000, ckpt_every=4000),
                             energy=EnergyConfig(beta=30.0, steps=4000, lr=1e-3, log_every=250, ckpt_every=2000)))
     raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
