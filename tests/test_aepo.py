@@ -169,3 +169,40 @@ def test_prior_covariance_is_clipped_and_isotropic_table_matches_exact_variance(
         a, s = ab(t)
         v = float((s / a) ** 2 * interpolate(table, torch.tensor(t)))
         assert v == pytest.approx(1 / (1 / 0.2 + float(a ** 2 / s ** 2)), rel=0.05)
+
+
+def test_trained_aepo_energy_gradient_tracks_its_analytic_target():
+    """fφ regressed onto Êt (Gaussian behaviour, exact εθ, a value with curvature) learns a gradient that points
+    where the analytic guidance (αt/σt²)·δ does, at the noise levels guidance uses."""
+    from cepdist.core.guidance import energy_loss
+    from cepdist.core.nets import EnergyNet
+    torch.manual_seed(0)
+    mu, C = torch.tensor([0.2, -0.3]), torch.tensor([[0.3, 0.1], [0.1, 0.2]])
+    V = lambda a, s: 2.0 * a[..., 0] - a[..., 1] - 0.5 * (a ** 2).sum(-1)
+
+    def eps_exact(x, alpha, sigma):                      # per-row α, σ shaped like x[..., :1]
+        cov = alpha[..., None] ** 2 * C + sigma[..., None] ** 2 * torch.eye(2)
+        return sigma * torch.linalg.solve(cov, (x - alpha * mu)[..., None])[..., 0]
+
+    def target(at, t):
+        a, s = SCHED.alpha(t)[..., None], SCHED.sigma(t)[..., None]
+        return log_expectation(lambda x: eps_exact(x, a, s), V, at, None, a, s, "jacobian", 2)[0]
+    f = EnergyNet(2, 0, (64, 64)).double()
+    opt = torch.optim.Adam(f.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    L = torch.linalg.cholesky(C)
+    for _ in range(800):
+        a0 = mu + (L @ torch.randn(512, 2, 1, generator=gen))[..., 0]
+        loss = energy_loss("aepo", f, a0[:, None, :], None, target, SCHED, gen)
+        opt.zero_grad(); loss.backward(); opt.step()
+    cos = []
+    for t in (0.05, 0.2, 0.4):
+        a, s = ab(t)
+        at = a * (mu + (L @ torch.randn(256, 2, 1, generator=gen))[..., 0]) + s * torch.randn(256, 2, generator=gen)
+        _, g = analytic_grad(lambda x: eps_exact(x, a.expand(256, 1), s.expand(256, 1)), V, at, None, a, s,
+                             "jacobian", 2)
+        x = at.clone().requires_grad_(True)
+        gf, = torch.autograd.grad(f(x, torch.full((256,), t)).sum(), x)
+        cos.append(float(torch.nn.functional.cosine_similarity(gf, g, dim=-1).mean()))
+    print("cosine(∇fφ, analytic) at t = 0.05, 0.2, 0.4:", cos)
+    assert min(cos) > 0.9
