@@ -16,3 +16,15 @@ def bandit_dataset(n=4000, seed=0):
     r = 1.0 - ((a - g) ** 2).sum(1)
     ones = np.ones(n)
     return Transitions.from_numpy(s, a, r, rng.uniform(-1, 1, size=(n, 2)), ones, ones), g
+
+
+class Stop(Exception):
+    """Raised by `stop_at` to interrupt a training loop from its callback."""
+
+
+def stop_at(step: int):
+    """A stage callback that interrupts the run at `step` (after that step's checkpoint is written)."""
+    def callback(stage, s, metrics, ckpt):
+        if s == step:
+            raise Stop
+    return callback

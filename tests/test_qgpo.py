@@ -11,7 +11,7 @@ from cepdist.algos.qgpo.policy import GuidedPolicy, load_policy, run_qgpo
 from cepdist.algos.qgpo.stages import generate_support, load_energy, state_table, train_behavior, train_q
 from cepdist.config import dump_yaml, from_dict, load_yaml, merge, replace, to_dict
 from cepdist.data.transitions import Transitions, episode_returns, preprocess_rewards
-from helpers import bandit_dataset
+from helpers import Stop, bandit_dataset, stop_at
 
 
 def small_cfg(**over) -> QGPOConfig:
@@ -122,15 +122,8 @@ def test_ema_samples_with_the_average_and_resumes_with_the_cosine_schedule(tmp_p
         theta = flat(train_behavior(replace(const, steps=i + 1, ema=0.0), data.obs, data.actions, seed=1).state_dict())
         e = e + (1 - min(0.9, (1 + i) / (10 + i))) * (theta - e)
     assert torch.allclose(e, avg, atol=1e-5)
-
-    class Stop(Exception):
-        pass
-
-    def stop(stage, step, metrics, ck):
-        if step == 20:
-            raise Stop
     with pytest.raises(Stop):
-        train_behavior(cfg, data.obs, data.actions, seed=1, ckpt_path=tmp_path / "b.pt", callback=stop)
+        train_behavior(cfg, data.obs, data.actions, seed=1, ckpt_path=tmp_path / "b.pt", callback=stop_at(20))
     resumed = train_behavior(cfg, data.obs, data.actions, seed=1, ckpt_path=tmp_path / "b.pt")
     assert torch.equal(flat(resumed.state_dict()), flat(ck["ema"]))
 

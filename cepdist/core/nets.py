@@ -230,3 +230,37 @@ class ValueNet(nn.Module):
         if s is not None and a.dim() == s.dim() + 1:
             s = s.unsqueeze(-2)
         return self.mlp.forward_projected(a, self.mlp.project_cond(s))
+
+
+class StateValue(nn.Module):
+    """V(s): MLP [s_dim, 256, 256, 1], ReLU (IQL's value network)."""
+
+    def __init__(self, state_dim: int, hidden: Sequence[int] = (256, 256)):
+        super().__init__()
+        self.mlp = CondMLP(state_dim, 0, hidden, act="relu")
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.mlp.forward_projected(s, None)
+
+
+class GaussianActor(nn.Module):
+    """π(a|s) = N(tanh(MLP(s)), diag(exp(2·log_std))) with a state-independent log_std (IQL's actor); the
+    deterministic action is the mean."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: Sequence[int] = (256, 256)):
+        super().__init__()
+        layers, d = [], state_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        self.net = nn.Sequential(*layers, nn.Linear(d, action_dim))
+        self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.action_dim = action_dim
+
+    def mean(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(s))
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """log π(a|s) (the training objective's input, so that a data-parallel wrapper syncs its gradients)."""
+        std = self.log_std.clamp(-5.0, 2.0).exp()
+        return torch.distributions.Normal(self.mean(s), std).log_prob(a).sum(-1)

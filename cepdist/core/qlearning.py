@@ -1,4 +1,5 @@
-"""In-support softmax Q-learning (the critic's Q part) and Polyak averaging."""
+"""In-support softmax Q-learning (QGPO's critic), IQL's expectile and advantage-weighted losses, and Polyak
+averaging."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +27,15 @@ def q_loss(q, actions: torch.Tensor, obs: torch.Tensor, y: torch.Tensor) -> torc
 @torch.no_grad()
 def polyak(target: torch.nn.Module, source: torch.nn.Module, tau: float):
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """E |τ − 1(diff < 0)|·diff²: minimised over V by the τ-expectile of Q − V (IQL's value loss)."""
+    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    return (weight * diff.square()).mean()
+
+
+def awr_loss(log_prob: torch.Tensor, advantage: torch.Tensor, temperature: float, max_weight: float) -> torch.Tensor:
+    """−E min(exp(temperature·A), max_weight)·log π(a|s): advantage-weighted regression (IQL's policy)."""
+    w = torch.exp(temperature * advantage.detach()).clamp(max=max_weight)
+    return -(w * log_prob).mean()
