@@ -8,8 +8,16 @@ import torch
 from cepdist.core.analytic import analytic_grad, isotropic_table, interpolate, log_expectation, posterior
 from cepdist.core.diffusion import VPSchedule
 
-torch.set_default_dtype(torch.float64)
 SCHED = VPSchedule()
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """These checks run in float64; the default is restored so that later test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class Mixture:
