@@ -371,8 +371,9 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
             "action_dim": data.action_dim}
     gen, start, snapshot = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel,
                                    sched)
-    table = iso_table(behavior, data, seed) if cfg.method == "aepo" and cfg.covariance == "isotropic" else None
-    max_var = max_variance(data.actions)
+    aepo = cfg.method == "aepo"
+    table = iso_table(behavior, data, seed) if aepo and cfg.covariance == "isotropic" else None
+    max_var = max_variance(data.actions) if aepo else None
     f_net = parallel.wrap(energy)
     on_support = cfg.train_actions() == "support"
 
@@ -386,7 +387,7 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
         with torch.no_grad():
             qs = q.min(a0, s)
         target = cfg.beta * qs
-        if cfg.method == "aepo":
+        if aepo:
             target = aepo_target(cfg, behavior, q, s, max_var, (target.min(), target.max()), table)
         lf = energy_loss(cfg.method, f_net, a0, s, target, schedule, gen)
         opt.zero_grad(set_to_none=True)
