@@ -86,11 +86,16 @@ def ground_truth(name: str, beta: float, n: int, pool: int = 1_000_000, seed: in
 
 
 def sliced_w2(a: np.ndarray, b: np.ndarray, n_proj: int = 128, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between two equal-size point clouds."""
+    """Sliced 2-Wasserstein distance between two equal-size point clouds of any dimension (directions uniform
+    on the half circle in 2-D, on the sphere otherwise)."""
     n = min(len(a), len(b))
     rng = np.random.default_rng(seed)
-    th = rng.uniform(0, np.pi, n_proj)
-    dirs = np.stack([np.cos(th), np.sin(th)], 1)
+    if a.shape[1] == 2:
+        th = rng.uniform(0, np.pi, n_proj)
+        dirs = np.stack([np.cos(th), np.sin(th)], 1)
+    else:
+        dirs = rng.standard_normal((n_proj, a.shape[1]))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     pa = np.sort(a[:n] @ dirs.T, axis=0)
     pb = np.sort(b[:n] @ dirs.T, axis=0)
     return float(np.sqrt(((pa - pb) ** 2).mean()))

@@ -106,16 +106,20 @@ class Guidance:
 
 
 class EnergyGuidance(Guidance):
-    """cep and mse: w·∇a fφ(a_t, s, t) from a trained time-conditioned energy model."""
+    """cep and mse: w·∇a fφ(a_t, s, t) from a trained time-conditioned energy model. `clip`: cap each sample's
+    gradient norm at clip·√dim (EDIS's authors' safeguard; None: off, the exact method)."""
 
-    def __init__(self, energy: EnergyNet):
-        self.energy = energy
+    def __init__(self, energy: EnergyNet, clip: float | None = None):
+        self.energy, self.clip = energy, clip
 
     def prepare(self, t, s):
         return self.energy.condition(t, s)
 
     def guided(self, behavior, x, conds_k, pc, k, plan, w, s):
         g = self.energy.grad_action(x, pc[k])
+        if self.clip is not None:
+            cap = self.clip * g.shape[-1] ** 0.5
+            g = g * (cap / g.norm(dim=-1, keepdim=True).clamp(min=cap))
         return -behavior.trunk(x, conds_k) - g * (w * plan.sigmas[k])
 
 

@@ -30,14 +30,23 @@ class Transitions:
         return self.actions.shape[1]
 
     def to(self, device) -> "Transitions":
-        return Transitions(*(getattr(self, f).to(device) for f in
-                             ("obs", "actions", "rewards", "next_obs", "terminals", "ends")))
+        return Transitions(*(getattr(self, f).to(device) for f in FIELDS))
+
+    def __getitem__(self, idx) -> "Transitions":
+        return Transitions(*(getattr(self, f)[idx] for f in FIELDS))
+
+    @classmethod
+    def cat(cls, parts: "list[Transitions]") -> "Transitions":
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in FIELDS))
 
     @classmethod
     def from_numpy(cls, obs, actions, rewards, next_obs, terminals, ends) -> "Transitions":
         f = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32))
         return cls(f(obs), f(actions), f(rewards), f(next_obs), f(terminals),
                    torch.as_tensor(np.asarray(ends, dtype=bool)))
+
+
+FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals", "ends")
 
 
 def episode_returns(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -51,18 +60,25 @@ def episode_returns(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return csum[idx + 1] - csum[starts]
 
 
-def preprocess_rewards(data: Transitions, kind: str) -> Transitions:
-    """locomotion: r·1000/(max − min episode return); antmaze: r − 1; none: unchanged."""
+def reward_affine(data: Transitions, kind: str) -> tuple[float, float]:
+    """(scale, shift) of the reference reward preprocessing, r ↦ scale·r + shift, fixed by the offline data so
+    that online rewards are transformed alike: locomotion 1000/(max − min episode return), antmaze r − 1."""
     if kind == "none":
-        return data
+        return 1.0, 0.0
     if kind == "antmaze":
-        r = data.rewards - 1.0
-    elif kind == "locomotion":
+        return 1.0, -1.0
+    if kind == "locomotion":
         rets = episode_returns(data.rewards.cpu().numpy(), data.ends.cpu().numpy())
         if len(rets) < 2 or rets.max() - rets.min() <= 0:
             raise ValueError("locomotion reward scaling needs at least two complete episodes with different "
                              f"returns; found {len(rets)} episode(s)")
-        r = data.rewards * float(1000.0 / (rets.max() - rets.min()))
-    else:
-        raise ValueError(f"reward preprocessing must be 'locomotion', 'antmaze' or 'none', got {kind!r}")
-    return Transitions(data.obs, data.actions, r, data.next_obs, data.terminals, data.ends)
+        return float(1000.0 / (rets.max() - rets.min())), 0.0
+    raise ValueError(f"reward preprocessing must be 'locomotion', 'antmaze' or 'none', got {kind!r}")
+
+
+def preprocess_rewards(data: Transitions, kind: str) -> Transitions:
+    """locomotion: r·1000/(max − min episode return); antmaze: r − 1; none: unchanged."""
+    scale, shift = reward_affine(data, kind)
+    if (scale, shift) == (1.0, 0.0):
+        return data
+    return Transitions(data.obs, data.actions, data.rewards * scale + shift, data.next_obs, data.terminals, data.ends)

@@ -61,7 +61,7 @@ def evaluate(policy, task: Task, scales: Sequence[float], episodes: int, seed: i
     gens = [torch.Generator(device=dev).manual_seed(seed * 100_003 + 7919 * e) for _, e in pairs]
     low, high = envs[0].action_space.low, envs[0].action_space.high
     w_all = torch.tensor([scales[i] for i, _ in pairs], dtype=torch.float32, device=dev)
-    act_dim = policy.behavior.action_dim
+    act_dim = policy.action_dim
     ret = np.zeros(len(pairs))
     length = np.zeros(len(pairs), dtype=int)
     active = np.ones(len(pairs), bool)

@@ -40,6 +40,7 @@ class GuidedPolicy:
         elif method not in VALUE_METHODS and energy is not None:
             self.guidance = make_guidance(method, energy)
         self.device = next(behavior.parameters()).device
+        self.action_dim = behavior.action_dim
         self.generator = seed_generator(seed, "policy", self.device)
         self._plans = {}
 

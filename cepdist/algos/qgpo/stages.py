@@ -134,8 +134,9 @@ def build_behavior(cfg: BehaviorConfig, state_dim: int, action_dim: int, seed: i
 
 def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch.Tensor, *, seed: int = 0,
                    ckpt_path: Path | None = None, callback: Callback | None = None,
-                   parallel: Parallel = SINGLE) -> ScoreNet:
-    """Fit εθ(a_t, s, t) to the dataset's actions (or unconditional points when obs is None).
+                   parallel: Parallel = SINGLE, init: ScoreNet | None = None) -> ScoreNet:
+    """Fit εθ(a_t, s, t) to the dataset's actions (or unconditional points when obs is None); `init`: start
+    from these weights (a warm start) instead of a fresh initialisation.
 
     With `parallel`, each worker draws batch_size/world_size rows from its own stream and the wrapped
     model averages gradients, so the global batch is the same for any number of workers."""
@@ -143,6 +144,8 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     state_dim = 0 if obs is None else obs.shape[1]
     local_bs = parallel.local_batch(cfg.batch_size, "behavior.batch_size")
     model = build_behavior(cfg, state_dim, actions.shape[1], seed).to(device)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     schedule = model.schedule
     opt = adam(model.parameters(), cfg.lr)
     sched = lr_scheduler(opt, cfg.lr_schedule, cfg.steps)
