@@ -90,7 +90,7 @@ def study_layers(args) -> list[dict]:
     flags = {"name": args.name, "seeds": args.seeds, "betas": args.betas, "Ks": args.Ks, "solver_steps": args.steps,
              "methods": args.methods, "scales": args.scales, "store": args.store, "mlflow_uri": args.mlflow_uri,
              "data_root": args.data_root, "policy_dir": args.policy_dir, "train_workers": args.train_workers,
-             "use_gpu": args.gpu, "eval_actors": args.eval_actors, "mode": args.mode}
+             "use_gpu": args.gpu, "eval_actors": args.eval_actors, "mode": args.mode, "algorithms": args.algorithms}
     tasks = list(args.tasks or ())
     if args.all_d4rl:
         tasks += [n for n, t in TASKS.items() if not t.local]
@@ -143,6 +143,7 @@ def _report(args):
 def add_study_arguments(p: argparse.ArgumentParser):
     from .core.guidance import METHODS
     from .distributed.presets import PRESETS
+    from .distributed.study import ALGORITHMS
     p.add_argument("--preset", default="smoke", choices=PRESETS)
     p.add_argument("--config", help="a (partial) StudyConfig as YAML, merged over the preset; flags override both")
     p.add_argument("--name", help="study name (MLflow experiment; default: the preset's)")
@@ -155,6 +156,8 @@ def add_study_arguments(p: argparse.ArgumentParser):
     p.add_argument("--steps", nargs="+", type=int, help="solver steps (support and evaluation)")
     p.add_argument("--methods", nargs="+", choices=METHODS)
     p.add_argument("--scales", nargs="+", type=float, help="guidance scales (default: the task's list)")
+    p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS,
+                   help="qgpo (the grid) and offline baselines on the same data, seeds and episodes (iql)")
     p.add_argument("--mode", choices=["grid", "sensitivity"])
     p.add_argument("--store", help="artifact store: a directory or s3://… / gs://…")
     p.add_argument("--mlflow-uri", help="tracking URI (default sqlite:///mlflow.db)")

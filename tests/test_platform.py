@@ -110,25 +110,38 @@ def test_a_non_default_noise_schedule_reaches_every_stage(cluster, tmp_path):
 
 
 def test_guidance_methods_share_behaviour_support_and_q(cluster, tmp_path):
-    """--methods cep aepo aepo-analytic: one behaviour, support and Q stage; an energy stage for each of cep
-    and aepo (the aepo one regressed onto its analytic target); every method in the table and the report."""
+    """--methods cep aepo aepo-analytic --algorithms qgpo iql: one behaviour, support and Q stage; an energy
+    stage for each of cep and aepo (the aepo one regressed onto its analytic target); the IQL baseline on the
+    same data, seed and episodes; every method in the table, IQL's rows as algorithm `iql`, and the report's
+    tables (QGPO's without IQL's rows, a baseline table beside them)."""
+    from cepdist.algos.iql import IQLConfig
     from cepdist.analysis.report import build
     from cepdist.distributed.trials import fetch
     methods = ("cep", "aepo", "aepo-analytic")
-    study = tiny_study(tmp_path, "methods", seeds=(0,), methods=methods)
+    study = tiny_study(tmp_path, "methods", seeds=(0,), methods=methods, algorithms=("qgpo", "iql"),
+                       iql=IQLConfig(hidden=(16,), steps=40, batch_size=32, reward=None, log_every=20, ckpt_every=20))
     summary = run_study(study, tmp_path / "out")
-    assert summary["executions"] == {"behavior": 1, "support": 1, "q": 1, "energy": 2, "evaluation": 3}
+    assert summary["executions"] == {"behavior": 1, "support": 1, "q": 1, "energy": 2, "iql": 1, "evaluation": 4}
     table = pd.read_parquet(summary["results_table"])
-    assert set(table.method) == set(methods)
+    assert set(table.method) == set(methods) | {"iql"}
     assert table.score.notna().all()
+    iql = table[table.algorithm == "iql"]
+    assert set(iql.method) == {"iql"} and set(iql.scale) == {0.0} and set(iql.step) == {40}
+    assert set(iql.episode_set) == {"test", "validation"} and (iql.compute_seconds > 0).all()
     ts = {t.method: t for t in trials(study)}
-    assert len({t.keys["q"] for t in ts.values()}) == 1
+    assert len({t.keys["q"] for t in ts.values() if "q" in t.keys}) == 1
+    assert set(ts["iql"].keys) == {"iql", "evaluation"}
+    assert fetch(study.store, ts["iql"].keys["iql"])["config"]["reward"] == "locomotion"   # the task's rule
     energy = fetch(study.store, ts["aepo"].keys["energy"])
     assert energy["config"]["method"] == "aepo" and energy["config"]["actions"] is None
     assert "energy" not in ts["aepo-analytic"].keys
     build(summary["results_table"], tmp_path / "report")
     md = (tmp_path / "report" / "table.md").read_text()
     assert "AEPO (reconstructed)" in md and "AEPO-analytic (reconstructed)" in md and "| cep |" in md
+    assert "iql" not in md.lower()
+    assert "## Offline baselines" in (tmp_path / "report" / "index.md").read_text()
+    bt = pd.read_csv(tmp_path / "report" / "baselines.csv")
+    assert list(bt.algorithm) == ["iql"] and bt.n_seeds.tolist() == [1]
 
 
 def test_study_survives_the_loss_of_a_node(cluster, tmp_path):

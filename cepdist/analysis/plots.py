@@ -85,10 +85,12 @@ def _test(df: pd.DataFrame) -> pd.DataFrame:
     return df[df.episode_set == "test"] if "episode_set" in df.columns else df
 
 
-def time_to_quality(df: pd.DataFrame, out: Path) -> list[Path]:
+def time_to_quality(df: pd.DataFrame, out: Path, baselines: pd.DataFrame | None = None) -> list[Path]:
     """Test score against the cumulative training compute behind the evaluated policy, per task: one line per
-    guidance scale through the evaluation steps (means over seeds and settings)."""
+    guidance scale through the evaluation steps (means over seeds and settings); each offline baseline of the
+    study as a star at its compute and score."""
     df = _test(df)
+    baselines = _test(baselines) if baselines is not None and len(baselines) else None
     if "compute_seconds" not in df.columns or df.compute_seconds.isna().all():
         return []
     plt = _plt()
@@ -99,6 +101,10 @@ def time_to_quality(df: pd.DataFrame, out: Path) -> list[Path]:
             m = gw.groupby("step")[["compute_seconds", "score"]].mean()
             ax.plot(m.compute_seconds / 60, m.score, "o-", color=f"C{i}",
                     label=f"w = {w:g}" + (" (behaviour)" if w == 0 else ""))
+        if baselines is not None:
+            for algo, gb in baselines[baselines.task == task].groupby("method"):
+                last = gb[gb.step == gb.step.max()]
+                ax.plot(last.compute_seconds.mean() / 60, last.score.mean(), "k*", markersize=11, label=algo.upper())
         ax.set_title(task); ax.set_xlabel("training compute (minutes)"); ax.grid(alpha=0.3)
         ax.set_ylabel("normalised score (test episodes)")
         ax.legend(fontsize=7)

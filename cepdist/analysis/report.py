@@ -13,7 +13,10 @@ from . import plots, stats
 
 def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int = 0,
           summary_csv: Path | None = None) -> Path:
-    df = stats.load_results(results)
+    df_all = stats.load_results(results)
+    df, baselines = stats.split_baselines(df_all)
+    if df.empty:
+        raise ValueError(f"{results}: no QGPO rows (only baselines: {', '.join(sorted(baselines.method.unique()))})")
     out.mkdir(parents=True, exist_ok=True)
     study = ", ".join(sorted(df.study.unique()))
     scales = sorted(df.scale.unique())
@@ -37,13 +40,18 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
     st.to_csv(out / "scales.csv", index=False)
     diag = stats.diagnostics(df)
     diag.to_csv(out / "critic.csv", index=False)
+    base_md = ""
+    if len(baselines):
+        bt = stats.baseline_table(df_all, seed=seed)
+        bt.to_csv(out / "baselines.csv", index=False)
+        base_md = "\n".join(["## Offline baselines", "", stats.render_baseline_table(bt), ""])
     figs = plots.sensitivity(df, out, seed) + plots.heatmap(df, out) + plots.learning_curves(df, out, seed) \
-        + plots.time_to_quality(df, out) + plots.q_statistics(diag, out)
+        + plots.time_to_quality(df, out, baselines) + plots.q_statistics(diag, out)
     n_trials = df.drop_duplicates(stats.KEYS[:6]).shape[0]
     lines = [f"# Study `{study}`", "", f"Results table: `{results}`; {n_trials} trials, "
              f"{df.task.nunique()} task(s), {df.seed.nunique()} seed(s), scales {', '.join(f'{s:g}' for s in scales)}.",
              "", "## Results table", "", md, "", "## Every guidance scale against the behaviour model (w = 0)", "",
-             stats.render_scale_table(st), "",
+             stats.render_scale_table(st), "", base_md,
              "Files: [table.md](table.md), [table.tex](table.tex), [table.csv](table.csv), [scales.csv](scales.csv), "
              "[summary.csv](summary.csv) (behaviour / fixed / validation rules per task), [domains.csv](domains.csv), [critic.csv](critic.csv) (losses and Q statistics per evaluation); the tidy results table is "
              f"`{results}`.", "", "## Figures", ""]

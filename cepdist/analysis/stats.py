@@ -259,6 +259,58 @@ def summary_table(df: pd.DataFrame, fixed_scale: float, seed: int = 0, n_boot: i
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
+def split_baselines(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(QGPO's rows, the offline baselines' rows) of a results table."""
+    if "algorithm" not in df.columns:
+        return df, df.iloc[:0]
+    return df[df.algorithm == "qgpo"].copy(), df[df.algorithm != "qgpo"].copy()
+
+
+def baseline_table(df: pd.DataFrame, seed: int = 0, n_boot: int = 10_000) -> pd.DataFrame:
+    """Per task and baseline algorithm, on the test episodes at its last evaluation: mean, 95% CI over seeds,
+    and QGPO's validation-selected policy against it: its mean and the paired per-seed difference
+    (QGPO − baseline) with its 95% interval (same data, seeds and test episodes)."""
+    qgpo, base = split_baselines(df)
+    sm = summary_table(qgpo, 1.0, seed, n_boot) if len(qgpo) else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    fq, fb = final(qgpo), final(base)
+    rows = []
+    for (task, algo), g in fb.groupby(["task", "method"]):
+        s = g.set_index("seed")["score"].sort_index()
+        lo, hi = bootstrap_ci(s.to_numpy(), n_boot, seed=seed)
+        rec = {"task": task, "algorithm": algo, "n_seeds": len(s), "score_mean": float(s.mean()), "ci_low": lo,
+               "ci_high": hi, "compute_seconds": float(g["compute_seconds"].mean()),
+               "qgpo_mean": np.nan, "qgpo_compute_seconds": np.nan, "diff_mean": np.nan, "diff_low": np.nan,
+               "diff_high": np.nan}
+        v = sm[(sm.task == task) & (sm.rule == "validation")]
+        if len(v):
+            # the validation-selected QGPO policy: the setting and w with the best mean validation score
+            val = final(qgpo, "validation")
+            m = val[val.task == task].groupby(HYPER + ["scale"])["score"].mean()
+            *hp, w = m.idxmax()
+            q = fq[(fq.task == task) & (fq.scale == w)].merge(pd.DataFrame([dict(zip(HYPER, hp))]), on=HYPER)
+            qs = q.set_index("seed")["score"].sort_index()
+            d = (qs - s).dropna().to_numpy()
+            dlo, dhi = bootstrap_ci(d, n_boot, seed=seed) if len(d) else (np.nan, np.nan)
+            rec.update({"qgpo_mean": float(qs.mean()), "qgpo_compute_seconds": float(q["compute_seconds"].mean()),
+                        "diff_mean": float(d.mean()) if len(d) else np.nan, "diff_low": dlo, "diff_high": dhi})
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def render_baseline_table(bt: pd.DataFrame) -> str:
+    head = ["task", "baseline", "n", "baseline score", "its compute", "QGPO (w chosen on validation)",
+            "QGPO compute", "QGPO − baseline, paired"]
+    md = ["Offline baselines trained in the same study (same data, seeds and test episodes), normalised score ×100 "
+          "at their last evaluation: mean [95% bootstrap CI over seeds]; compute in minutes per trial.", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in bt.iterrows():
+        md.append("| " + " | ".join([r.task, r.algorithm.upper(), str(r.n_seeds), _cell(r.score_mean, r.ci_low, r.ci_high),
+                                     f"{r.compute_seconds / 60:.1f}", _cell(r.qgpo_mean, np.nan, np.nan),
+                                     "–" if np.isnan(r.qgpo_compute_seconds) else f"{r.qgpo_compute_seconds / 60:.1f}",
+                                     _cell(r.diff_mean, r.diff_low, r.diff_high)]) + " |")
+    return "\n".join(md) + "\n"
+
+
 def _cell(m, lo, hi):
     return "–" if np.isnan(m) else (f"{m:.1f} [{lo:.1f}, {hi:.1f}]" if not np.isnan(lo) else f"{m:.1f}")
 

@@ -27,7 +27,7 @@ from ..data.datasets import d4rl_dir
 from ..envs.generate import ensure_datasets
 from .results import write_table
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, grid, hyper_id, store_path, trials, validate
+from .study import STAGES, StudyConfig, Trial, grid, hyper_id, store_path, trials, validate
 from .tracking import MLflowTracker
 from .trials import behavior_phase, policy_phase, q_phase
 
@@ -283,7 +283,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     mine = [e for e in store.executions() if e.get("run") == run_id]
     summary = {"study": study.name, "trials": len(all_trials), "results_table": str(out / "results.parquet"),
                "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
-               "executions": {s: n for s in ("behavior", "support", "q", "energy", "evaluation")
+               "executions": {s: n for s in STAGES
                               if (n := sum(e["stage"] == s for e in mine))},
                "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds(store, all_trials)}
     (out / "study.json").write_text(json.dumps(summary, indent=2))
@@ -294,7 +294,7 @@ def run_phases(study: StudyConfig, all_trials: list[Trial], store: ArtifactStore
                run_id: str, interrupts: Interrupts, verbose: bool):
     """The three Tune phases in order; none starts after an interrupt or a failure that cannot be retried."""
     for phase, fn, stage, done_file in PHASES:
-        units = list({t.keys[stage]: t for t in all_trials}.values())
+        units = list({t.keys[stage]: t for t in all_trials if stage in t.keys}.values())
         todo = [t for t in units if not store.exists(t.keys[stage], done_file)]
         log.info("[%s phase] %d to run, %d stored", phase, len(todo), len(units) - len(todo))
         interrupts.check(phase)

@@ -9,6 +9,7 @@ import numpy as np
 import ray
 import torch
 
+from ..algos.iql import IQLPolicy, load_iql
 from ..algos.qgpo.config import SolverConfig
 from ..algos.qgpo.policy import load_policy
 from ..data.tasks import get_task
@@ -37,6 +38,8 @@ def policy_payload(behavior: dict, method: str, solver: SolverConfig, *, energy:
 
 
 def policy_from_payload(p: dict):
+    if "iql" in p:                           # the IQL baseline: {"iql": its checkpoint}
+        return IQLPolicy(load_iql(p["iql"]))
     return load_policy(p["behavior"], p["method"], energy=p["energy"], q=p["q"], beta=p["beta"],
                        solver=p["solver"], analytic=p.get("analytic"))
 

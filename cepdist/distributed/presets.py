@@ -2,6 +2,7 @@
 network, locally generated data) and `local` (the CPU-scale learning study)."""
 from __future__ import annotations
 
+from ..algos.iql import IQLConfig
 from ..algos.qgpo.config import (BehaviorConfig, EnergyConfig, QConfig, QGPOConfig, SolverConfig,
                                  SupportConfig)
 from ..data.tasks import PAPER_ANTMAZE, PAPER_LOCOMOTION
@@ -20,6 +21,7 @@ def preset(name: str) -> StudyConfig:
         return StudyConfig(
             name="smoke", tasks=("hopper-random-local",), seeds=(0, 1), scales=(0.0, 1.0, 3.0), dataset_rows=20_000,
             eval_episodes=2, eval_max_steps=200, eval_every=150, eval_actors=1, trial_cpus=1, max_concurrent=1,
+            iql=IQLConfig(hidden=(64, 64), steps=300, batch_size=128, reward=None, log_every=100, ckpt_every=300),
             base=QGPOConfig(
                 behavior=BehaviorConfig(widths=(64, 32, 16), steps=300, batch_size=256, lr=1e-3, log_every=100,
                                         ckpt_every=300),
@@ -45,6 +47,7 @@ def preset(name: str) -> StudyConfig:
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
             seeds=(0, 1, 2), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0, 10.0),
             dataset_rows=50_000, eval_episodes=5, eval_every=2000, eval_actors=0, trial_cpus=1,
+            iql=IQLConfig(steps=100_000, reward=None, log_every=5000, ckpt_every=20_000),
             base=QGPOConfig(behavior=BehaviorConfig(widths=(128, 64, 32), steps=20_000, batch_size=256, lr=1e-3,
                                                     ema=0.999, log_every=2000, ckpt_every=5000),
                             support=SupportConfig(K=8, batch_states=512),

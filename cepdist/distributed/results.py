@@ -5,7 +5,7 @@ episodes for selecting hyperparameters, `test` episodes with other resets for re
 normalised score (mean over the episodes, ×100), its standard error, the mean raw return, the episode
 count, the dataset's own score, the stage diagnostics at that step, and `compute_seconds`: the training
 compute behind the evaluated policy (behaviour + support + Q stage seconds, plus the energy stage's seconds
-pro-rated to the evaluated step; each stage's seconds summed over its executions, a resumed stage counting
+pro-rated to the evaluated step; a baseline's own stage seconds; each stage's seconds summed over its executions, a resumed stage counting
 each attempt's part). The guidance scale is a column.
 MLflow receives the same numbers for browsing; the report reads only this table."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ COLUMNS = ["study", "algorithm", "task", "seed", "beta", "K", "steps", "method",
 
 def trial_rows(study: str, trial: Trial, history: list[dict], seconds: dict[str, float]) -> list[dict]:
     """Rows of one trial; `seconds`: stage key → compute seconds."""
-    upstream = sum(seconds.get(trial.keys[s], np.nan) for s in ("behavior", "support", "q"))
+    upstream = sum(seconds.get(k, np.nan) for s, k in trial.keys.items() if s not in ("energy", "evaluation"))
     rows = []
     for h in history:
         energy = seconds.get(trial.keys["energy"], np.nan) * h["step"] / trial.config.energy.steps \
@@ -37,7 +37,7 @@ def trial_rows(study: str, trial: Trial, history: list[dict], seconds: dict[str,
                 n = int(np.sum(~np.isnan(sc)))
                 if not n:                      # e.g. no validation episodes
                     continue
-                rows.append({"study": study, "algorithm": "qgpo", **trial.hyper, "scale": float(w),
+                rows.append({"study": study, "algorithm": trial.algorithm, **trial.hyper, "scale": float(w),
                              "step": h["step"], "episode_set": episode_set, "score": float(np.nanmean(sc)),
                              "score_se": float(np.nanstd(sc) / np.sqrt(n)), "return": float(np.nanmean(ret)),
                              "episodes": n, "dataset_score": h["dataset_score"],

@@ -1,7 +1,8 @@
 """What a study is: its typed config, its trials and the stage keys they share, its plan.
 
 A study is a grid over tasks × seeds × β × K × solver steps × guidance method; each trial evaluates all
-guidance scales together. Stages depend on subsets of a trial's config, and each stage's artifact is
+guidance scales together. Offline baselines (`algorithms: [qgpo, iql]`) add one trial per task and seed on the
+same data and evaluation episodes. Stages depend on subsets of a trial's config, and each stage's artifact is
 stored once under a key derived from exactly what it depends on (settings that change no result, such as
 log intervals, are left out):
 
@@ -10,6 +11,8 @@ log intervals, are left out):
     q           ← support key, Q config (with the reward rule)
     energy      ← q key, energy config (method, β, ...), snapshot interval     (none for dps)
     evaluation  ← energy key (dps: q key and β), guidance scales, sampler, episodes
+    iql         ← dataset, seed, IQL config (with the reward rule)          (the IQL baseline)
+    evaluation  ← iql key, episodes
 
 Nothing here starts Ray: `plan` lists the trials, keys and what is stored already."""
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..algos.iql import IQLConfig
 from ..algos.qgpo.config import NOT_IN_KEY, QGPOConfig
 from ..config import from_dict, merge, replace, to_dict
 from ..data.datasets import fingerprint, local_path
@@ -31,8 +35,10 @@ from .tracking import DEFAULT_URI
 
 log = logging.getLogger("cepdist")
 
-STAGES = ("behavior", "support", "q", "energy", "evaluation")
+STAGES = ("behavior", "support", "q", "energy", "iql", "evaluation")
 HYPER = ("task", "seed", "beta", "K", "steps", "method")      # what the search space holds per trial
+ALGORITHMS = ("qgpo", "iql")
+BASELINE = {"beta": 0.0, "K": 0, "steps": 0}                 # a baseline trial's QGPO axes (none apply)
 
 
 @dataclass
@@ -47,6 +53,8 @@ class StudyConfig:
     methods: tuple[str, ...] | None = None
     scales: tuple[float, ...] | None = None        # None → the task's guidance-scale list
     mode: str = "grid"                             # grid | sensitivity (one hyperparameter at a time)
+    algorithms: tuple[str, ...] = ("qgpo",)        # qgpo (the grid) and offline baselines: iql
+    iql: IQLConfig = field(default_factory=lambda: IQLConfig(reward=None))
     base: QGPOConfig = field(default_factory=lambda: QGPOConfig(
         support=dataclasses.replace(QGPOConfig().support, K=None), q=dataclasses.replace(QGPOConfig().q, reward=None)))
     eval_episodes: int = 10                        # test episodes per guidance scale (the reported scores)
@@ -127,6 +135,11 @@ def validate(study: StudyConfig) -> StudyConfig:
         v = getattr(study, axis)
         need(v is None or (len(v) > 0 and all(ok(x) for x in v)), axis, f"a non-empty list of {allowed} (or unset)")
     need(study.mode in ("grid", "sensitivity"), "mode", "'grid' or 'sensitivity'")
+    need(len(study.algorithms) > 0 and set(study.algorithms) <= set(ALGORITHMS), "algorithms",
+         f"a non-empty list of {', '.join(ALGORITHMS)}")
+    i = study.iql
+    need(i.steps >= 1 and i.batch_size >= 1 and i.lr > 0, "iql.steps, iql.batch_size and iql.lr", "≥ 1, ≥ 1 and > 0")
+    need(0 < i.expectile < 1, "iql.expectile", "in (0, 1)")
     need(study.eval_episodes >= 1, "eval_episodes", "≥ 1")
     need(study.validation_episodes >= 0, "val_episodes", "≥ 0")
     need(study.eval_every >= 0, "eval_every", "≥ 0 (0: evaluate at the end only)")
@@ -154,9 +167,10 @@ class Trial:
     scales: tuple[float, ...]
     max_steps: int                   # evaluation episode cap
     eval_steps: tuple[int, ...]      # training steps of the policy's last stage evaluated (energy; q for dps)
-    config: QGPOConfig
+    config: QGPOConfig | IQLConfig
     keys: dict[str, str]             # stage → key (no "energy" for dps)
     data: dict[str, Any]             # the dataset file: path and sha256 (None while it does not exist)
+    algorithm: str = "qgpo"
 
     @property
     def hyper(self) -> dict[str, Any]:
@@ -164,6 +178,8 @@ class Trial:
 
     @property
     def label(self) -> str:
+        if self.algorithm != "qgpo":
+            return f"{self.task} s{self.seed} {self.algorithm}"
         return f"{self.task} s{self.seed} β{self.beta:g} K{self.K} n{self.steps} {self.method}"
 
 
@@ -188,6 +204,8 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] |
     from ..core.guidance import VALUE_METHODS
     task = get_task(hyper["task"])
     data = data or dataset_file(study, task.name)
+    if hyper["method"] in ALGORITHMS:
+        return _baseline_trial(study, hyper, task, data)
     seed, K = int(hyper["seed"]), hyper["K"] or task.K
     b = study.base
     cfg = replace(b, **{"seed": seed, "support.K": K, "support.solver.steps": hyper["steps"],
@@ -197,9 +215,7 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] |
         cfg = replace(cfg, **{"energy.ckpt_every": study.eval_every})
     scales = tuple(float(w) for w in (study.scales or task.guidance_scales))
     max_steps = study.eval_max_steps or task.episode_length
-    data_id = {"task": task.name, "rows": (study.dataset_rows or 1_000_000) if task.local else None,
-               "sha256": data["sha256"]}
-    keys = {"behavior": stage_key("behavior", {"data": data_id, "seed": seed, "cfg": _key_cfg(cfg.behavior)})}
+    keys = {"behavior": stage_key("behavior", {"data": _data_id(study, task, data), "seed": seed, "cfg": _key_cfg(cfg.behavior)})}
     keys["support"] = stage_key("support", {"behavior": keys["behavior"], "seed": seed, "cfg": _key_cfg(cfg.support)})
     keys["q"] = stage_key("q", {"support": keys["support"], "seed": seed, "cfg": _key_cfg(cfg.q)})
     if cfg.energy.method in VALUE_METHODS:
@@ -224,6 +240,24 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] |
                  eval_steps, cfg, keys, data)
 
 
+def _data_id(study: StudyConfig, task, data: dict[str, Any]) -> dict[str, Any]:
+    return {"task": task.name, "rows": (study.dataset_rows or 1_000_000) if task.local else None,
+            "sha256": data["sha256"]}
+
+
+def _baseline_trial(study: StudyConfig, hyper: dict[str, Any], task, data: dict[str, Any]) -> Trial:
+    """An offline baseline (IQL) on the study's data, seed and evaluation episodes: one stage, evaluated at
+    its end (one "scale", 0, so that its rows sit in the same table)."""
+    seed = int(hyper["seed"])
+    cfg = replace(study.iql, reward=study.iql.reward or task.reward)
+    max_steps = study.eval_max_steps or task.episode_length
+    keys = {"iql": stage_key("iql", {"data": _data_id(study, task, data), "seed": seed, "cfg": _key_cfg(cfg)})}
+    keys["evaluation"] = stage_key("evaluation", {"iql": keys["iql"], "episodes": study.eval_episodes,
+                                                  "val_episodes": study.validation_episodes, "max_steps": max_steps})
+    return Trial(task.name, seed, BASELINE["beta"], BASELINE["K"], BASELINE["steps"], hyper["method"], (0.0,),
+                 max_steps, (cfg.steps,), cfg, keys, data, algorithm=hyper["method"])
+
+
 def grid(study: StudyConfig) -> list[dict[str, Any]]:
     """The search space: one dict of hyperparameters per trial, in a deterministic order."""
     if study.mode not in ("grid", "sensitivity"):
@@ -235,8 +269,12 @@ def grid(study: StudyConfig) -> list[dict[str, Any]]:
         default = {k: v[0] for k, v in axes.items()}
         combos = [default] + [{**default, k: v} for k, vals in axes.items() for v in vals[1:]]
     out = []
-    for task, seed, c in itertools.product(study.tasks, study.seeds, combos):
-        out.append({"task": task, "seed": seed, **c, "K": c["K"] or get_task(task).K})
+    if "qgpo" in study.algorithms:
+        for task, seed, c in itertools.product(study.tasks, study.seeds, combos):
+            out.append({"task": task, "seed": seed, **c, "K": c["K"] or get_task(task).K})
+    for algo in (a for a in study.algorithms if a != "qgpo"):
+        out += [{"task": task, "seed": seed, **BASELINE, "method": algo}
+                for task, seed in itertools.product(study.tasks, study.seeds)]
     return out
 
 

@@ -3,6 +3,7 @@
     behavior phase   one trial per behaviour key:  behavior
     q phase          one trial per Q key:          support → q
     policy phase     one trial per grid point:     energy (cep/mse) → evaluation
+                     one per baseline trial:       iql → evaluation
 
 Every stage goes through `run_stage`: reuse the stored artifact, or compute it (in this process, or on
 Ray Train workers with `train_workers ≥ 1`) with checkpoints in a work directory it resumes from, then store
@@ -28,6 +29,7 @@ import torch
 from ray import tune
 
 from ..algos import checkpoint
+from ..algos.iql import train_iql
 from ..algos.qgpo.policy import analytic_options
 from ..algos.qgpo.stages import (SINGLE, generate_support, load_behavior, load_q, load_support, train_behavior,
                                  train_energy, train_q)
@@ -187,6 +189,17 @@ def energy_stage(ctx: Context):
     run_stage(ctx, "energy", fn)
 
 
+def iql_stage(ctx: Context):
+    cfg, key, uri = ctx.trial.config, ctx.trial.keys["iql"], ctx.study.store
+    data_of = functools.partial(load_data, ctx.trial.task, ctx.study.data_root)
+
+    def fn(parallel, ckpt_path, callback, device):
+        keep = keep_metrics(uri, key, cfg.steps) if parallel.rank == 0 else None
+        train_iql(cfg, data_of()[0].to(device), seed=ctx.trial.seed, ckpt_path=ckpt_path,
+                  callback=_chain(callback, keep), parallel=parallel)
+    run_stage(ctx, "iql", fn)
+
+
 def evaluation_stage(ctx: Context):
     """Evaluate the policy at each of the trial's evaluation steps that has no stored evaluation yet."""
     ctx.stage = "evaluation"
@@ -207,12 +220,16 @@ def _evaluate(ctx: Context, key: str):
         return
     ctx.event(event="start")
     dataset_score = load_data(t.task, ctx.study.data_root)[1]
-    behavior = fetch(uri, t.keys["behavior"])
-    q_metrics = store.get_json(t.keys["q"], f"step-{t.config.q.steps}.json")
+    baseline = t.algorithm != "qgpo"
+    behavior = None if baseline else fetch(uri, t.keys["behavior"])
+    q_metrics = {} if baseline else store.get_json(t.keys["q"], f"step-{t.config.q.steps}.json")
     pool = EvalPool(ctx.study.eval_actors)
     try:
         for step in todo:
-            if t.method in VALUE_METHODS:
+            if baseline:
+                payload = {"iql": fetch(uri, t.keys["iql"])}
+                metrics = store.get_json(t.keys["iql"], f"step-{step}.json")
+            elif t.method in VALUE_METHODS:
                 analytic = analytic_options(t.config.energy, load_behavior(behavior),
                                             load_data(t.task, ctx.study.data_root)[0], t.seed)
                 payload = policy_payload(behavior, t.method, t.config.sampler, q=fetch(uri, t.keys["q"]),
@@ -293,5 +310,6 @@ def q_phase(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: s
 
 
 def policy_phase(config: dict, study: StudyConfig, units: dict[str, Trial], run_id: str):
-    _run(config, study, units, run_id, (evaluation_stage,) if config["trial"]["method"] in VALUE_METHODS
-         else (energy_stage, evaluation_stage))
+    method = config["trial"]["method"]
+    first = {"iql": (iql_stage,)}.get(method, () if method in VALUE_METHODS else (energy_stage,))
+    _run(config, study, units, run_id, (*first, evaluation_stage))
