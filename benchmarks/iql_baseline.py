@@ -3,7 +3,8 @@ scored per minute of training compute, for the equal-compute comparison of the C
 
 IQL with Kostrikov et al.'s locomotion settings (expectile 0.7, temperature 3, τ 0.005, γ 0.99, Adam 3e-4,
 batch 256, rewards scaled by 1000 / (max − min episode return)), trained on one thread on the task's
-dataset file, evaluated deterministically on the study's test episodes (reset seeds of the study's
+dataset file (compute = this process's CPU time, which other processes do not inflate), evaluated
+deterministically on the study's test episodes (reset seeds of the study's
 evaluation of that seed: validation episodes first, then `--episodes` test episodes) whenever its training
 compute crosses one of `--at-minutes`. Writes benchmarks/results/iql-<task>.json.
 
@@ -79,10 +80,11 @@ def main():
         compute, steps = 0.0, 0
         for target in sorted(a.at_minutes):
             while compute < target * 60:
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 iql.fit(dataset, n_steps=a.chunk, n_steps_per_epoch=a.chunk, show_progress=False,
                         logger_adapter=d3rlpy.logging.NoopAdapterFactory(), save_interval=10**9)
-                compute += time.perf_counter() - t0
+                compute += time.process_time() - t0      # CPU time of this one-thread process: other
+                #                                            processes on the machine do not inflate it
                 steps += a.chunk
             scores = evaluate(iql, task, seed, a.val_episodes, a.episodes)
             rows.append({"seed": seed, "minutes": compute / 60, "steps": steps, "score": float(np.mean(scores)),

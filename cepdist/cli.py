@@ -111,6 +111,40 @@ def _study(args):
         p = plan(study)
         print(json.dumps(p, indent=2) if args.json else format_plan(p))
         return
+    return _run_study(study, args)
+
+
+def _report(args):
+    from .analysis.report import build
+    results = Path(args.results) if args.results else Path("results") / args.study / "results.parquet"
+    out = Path(args.out) if args.out else results.parent / "report"
+    print(f"report: {build(results, out, args.fixed_scale, args.seed, args.summary_csv)}")
+
+
+def _edis(args):
+    import json
+    if args.cmd == "toy":
+        from .algos.edis.toy import TOY_PRESETS, write_toy
+        print(write_toy(TOY_PRESETS[args.preset], Path(args.out), args.seed))
+        return 0
+    from .distributed.edis import load_study, plan
+    from .distributed.presets import edis_preset
+    layers = []
+    if args.config:
+        import yaml
+        layers.append(yaml.safe_load(Path(args.config).read_text()) or {})
+    layers.append({k: v for k, v in {"name": args.name, "tasks": args.tasks, "seeds": args.seeds, "arms": args.arms,
+                                     "store": args.store, "mlflow_uri": args.mlflow_uri, "data_root": args.data_root,
+                                     "policy_dir": args.policy_dir, "eval_actors": args.eval_actors}.items()
+                   if v is not None})
+    study = load_study(edis_preset(args.preset), *layers)
+    if args.cmd == "plan":
+        print(json.dumps(plan(study), indent=2))
+        return 0
+    return _run_study(study, args)
+
+
+def _run_study(study, args) -> int:
     import ray
     from .distributed.driver import StudyFailed, StudyInterrupted, run_study
     try:
@@ -133,11 +167,22 @@ def _study(args):
     return 0
 
 
-def _report(args):
-    from .analysis.report import build
-    results = Path(args.results) if args.results else Path("results") / args.study / "results.parquet"
-    out = Path(args.out) if args.out else results.parent / "report"
-    print(f"report: {build(results, out, args.fixed_scale, args.seed, args.summary_csv)}")
+def add_edis_arguments(p: argparse.ArgumentParser):
+    from .distributed.edis import ARMS
+    from .distributed.presets import EDIS_PRESETS
+    p.add_argument("--preset", default="smoke", choices=EDIS_PRESETS)
+    p.add_argument("--config", help="a (partial) EDISStudyConfig as YAML, merged over the preset; flags override both")
+    p.add_argument("--name", help="study name (default: the preset's)")
+    p.add_argument("--tasks", nargs="+")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--arms", nargs="+", choices=ARMS, help="edis and/or plain (IQL fine-tuning without EDIS)")
+    p.add_argument("--store")
+    p.add_argument("--mlflow-uri")
+    p.add_argument("--data-root")
+    p.add_argument("--policy-dir")
+    p.add_argument("--eval-actors", type=int)
+    p.add_argument("--out", help="results folder (default results/<name>)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
 
 
 def add_study_arguments(p: argparse.ArgumentParser):
@@ -212,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(x)
     x.add_argument("--json", action="store_true", help="one JSON object")
 
+    e = sub.add_parser("edis", help="EDIS offline-to-online studies on Ray: tasks × seeds × {edis, plain}")
+    es = e.add_subparsers(dest="cmd", required=True)
+    add_edis_arguments(es.add_parser("run", help="run or resume an EDIS study (stored stages are reused)"))
+    add_edis_arguments(es.add_parser("plan", help="its trials, stage keys and what is stored (JSON)"))
+    x = es.add_parser("toy", help="the exactness toy: distances to the online distribution per factor")
+    x.add_argument("--preset", default="cpu", choices=("cpu", "tiny"))
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--out", default="results/edis-toy")
+
     r = sub.add_parser("report", help="tables and figures from a study's results table")
     r.add_argument("--study", default="smoke", help="study name: reads results/<study>/results.parquet")
     r.add_argument("--results", help="an explicit results.parquet (instead of --study's)")
@@ -262,7 +316,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:
-        rc = {"toy": _toy, "data": _data, "study": _study, "report": _report}[args.group](args)
+        rc = {"toy": _toy, "data": _data, "study": _study, "edis": _edis, "report": _report}[args.group](args)
     except (ValueError, KeyError) as e:       # bad input: a clear message, no traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"cepdist: error: {msg}", file=sys.stderr)

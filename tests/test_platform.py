@@ -243,3 +243,40 @@ def test_ray_train_resumes_from_the_last_checkpoint_after_a_worker_dies(tmp_path
     resumed_from = steps[restart] - cfg.log_every
     assert resumed_from in (30, 60), steps
     assert steps[-1] == 100 and 10 not in steps[restart:]
+
+
+def test_edis_study_arms_share_offline_iql(cluster, tmp_path):
+    """An EDIS study (edis and plain arms, one seed): one offline IQL stage shared by both arms (and keyed as a
+    QGPO study's IQL baseline on the same data and settings), one transition model for the edis arm, one online
+    stage per arm with evaluations at online steps 0, 300 and 600 in the table (`phase`, `online_step`) and in
+    one FINISHED MLflow run per arm; the report; a second run computes nothing."""
+    import dataclasses as dc
+    from cepdist.analysis.report import build
+    from cepdist.distributed import edis
+    from cepdist.distributed.presets import edis_preset
+    base = edis_preset("smoke")
+    study = dc.replace(base, name="edis", seeds=(0,), store=str(tmp_path / "store"), data_root=str(tmp_path / "data"),
+                       mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", dataset_rows=3000, eval_max_steps=30)
+    summary = run_study(study, tmp_path / "out")
+    assert summary["executions"] == {"iql": 1, "model": 1, "evaluation": 2}
+    table = pd.read_parquet(summary["results_table"])
+    assert sorted(zip(table.method, table.online_step)) == [("edis", 0), ("edis", 300), ("edis", 600),
+                                                            ("plain", 0), ("plain", 300), ("plain", 600)]
+    assert set(table[table.online_step == 0].phase) == {"offline"} and set(table[table.online_step > 0].phase) == {"online"}
+    # both arms start from the same offline agent, evaluated on the same episodes
+    assert table[table.online_step == 0].score.nunique() == 1
+    assert (table.compute_seconds > 0).all() and table.score.notna().all()
+    ts = edis.trials(study)
+    assert len({t.keys["iql"] for t in ts}) == 1 and "model" not in ts[1].keys
+    qgpo = tiny_study(tmp_path, "q", seeds=(0,), algorithms=("iql",), iql=study.base.iql, dataset_rows=3000)
+    assert trials(qgpo)[0].keys["iql"] == ts[0].keys["iql"]
+    tr = MLflowTracker(study.mlflow_uri, study.name)
+    runs = tr.client.search_runs([tr.experiment_id])
+    assert sorted(r.data.tags["cepdist_key"] for r in runs) == sorted(t.keys["evaluation"] for t in ts)
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert sorted(m.step for m in tr.client.get_metric_history(r.info.run_id, "score_w0")) == [0, 300, 600]
+    index = build(summary["results_table"], tmp_path / "report")
+    assert "EDIS − plain" in index.read_text() and (tmp_path / "report" / "online_learning_curves.png").is_file()
+    again = run_study(study, tmp_path / "out")
+    assert again["executions"] == {}

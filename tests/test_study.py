@@ -59,7 +59,7 @@ def test_study_plan_lists_keys_and_stored_stages_without_ray(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)
-    assert p["counts"] == {"behavior": 2, "support": 2, "q": 2, "energy": 4, "evaluation": 4}
+    assert p["counts"] == {"behavior": 2, "support": 2, "q": 2, "energy": 4, "iql": 0, "evaluation": 4}
     assert p["stored"] == dict.fromkeys(p["counts"], 0) and len(p["trials"]) == 4
     assert p == plan(load_study(preset("smoke"), {"betas": [1, 3], "store": str(tmp_path)}))
     table = subprocess.run([sys.executable, "-m", "cepdist", "study", "plan", "--preset", "smoke", "--store",

@@ -13,6 +13,9 @@ from . import plots, stats
 
 def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int = 0,
           summary_csv: Path | None = None) -> Path:
+    if Path(results).is_file() and "online_step" in pd.read_parquet(results, columns=None).columns:
+        from . import online                 # an offline-to-online (EDIS) study
+        return online.build(pd.read_parquet(results), Path(results), out, seed)
     df_all = stats.load_results(results)
     df, baselines = stats.split_baselines(df_all)
     if df.empty:

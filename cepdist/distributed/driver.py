@@ -18,6 +18,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import ray
 from ray import tune
@@ -36,6 +37,23 @@ log = logging.getLogger("cepdist")
 # (phase, trainable, the stage whose distinct keys are its units, the file that marks a unit done)
 PHASES = (("behavior", behavior_phase, "behavior", "artifact.pt"), ("q", q_phase, "q", "artifact.pt"),
           ("policy", policy_phase, "evaluation", "result.json"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What differs between kinds of study (QGPO's grid, EDIS's arms): validation, trials, phases, table."""
+    validate: Callable
+    trials: Callable
+    phases: tuple
+    write_table: Callable
+    stages: tuple
+
+
+def kind_of(study) -> Kind:
+    from . import edis
+    if isinstance(study, edis.EDISStudyConfig):
+        return Kind(edis.validate, edis.trials, edis.PHASES, edis.write_table, edis.STAGES)
+    return Kind(lambda s: grid(validate(s)), trials, PHASES, write_table, STAGES)
 
 
 class StudyInterrupted(RuntimeError):
@@ -173,7 +191,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             self.running.pop(trial.trial_id, None)
-            if phase == "policy" and trial.trial_id not in self.failed:
+            if phase in ("policy", "online") and trial.trial_id not in self.failed:
                 tracker.finish(self._run(trial_of(trial)), "FINISHED")
             self._progress(force=True)
 
@@ -248,8 +266,8 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     study = dataclasses.replace(study, store=store_path(study),
                                 data_root=str(Path(study.data_root).resolve()) if study.data_root else None)
-    validate(study)                                  # types were checked on load; ranges before anything starts
-    grid(study)
+    kind = kind_of(study)
+    kind.validate(study)                             # types were checked on load; ranges before anything starts
     # the dataset files that exist are checked before Ray starts; missing *-local ones are generated later
     missing = ensure_datasets(study.tasks, study.data_root, study.dataset_rows, study.policy_dir,
                               generate_missing=False)
@@ -271,19 +289,19 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
             raise ValueError(f"data root {root} is not writable, but {', '.join(missing)} must be generated "
                              f"there ({e.strerror})") from None
     ensure_datasets(missing, study.data_root, study.dataset_rows, study.policy_dir)
-    all_trials = trials(study)                       # keys include each dataset file's fingerprint
+    all_trials = kind.trials(study)                  # keys include each dataset file's fingerprint
     store = ArtifactStore(study.store)
     run_id = uuid.uuid4().hex                        # tags this invocation's stage executions
     tracker = MLflowTracker(study.mlflow_uri, study.name)
     log.info("study %s: %d trials | store %s | MLflow %s", study.name, len(all_trials), study.store, study.mlflow_uri)
     t0 = time.perf_counter()
     with Interrupts() as interrupts:
-        run_phases(study, all_trials, store, tracker, run_id, interrupts, verbose)
-    df = write_table(store, study.name, all_trials, out / "results.parquet")
+        run_phases(study, all_trials, store, tracker, run_id, interrupts, verbose, kind.phases)
+    df = kind.write_table(store, study.name, all_trials, out / "results.parquet")
     mine = [e for e in store.executions() if e.get("run") == run_id]
     summary = {"study": study.name, "trials": len(all_trials), "results_table": str(out / "results.parquet"),
                "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
-               "executions": {s: n for s in STAGES
+               "executions": {s: n for s in kind.stages
                               if (n := sum(e["stage"] == s for e in mine))},
                "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds(store, all_trials)}
     (out / "study.json").write_text(json.dumps(summary, indent=2))
@@ -291,9 +309,9 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
 
 
 def run_phases(study: StudyConfig, all_trials: list[Trial], store: ArtifactStore, tracker: MLflowTracker,
-               run_id: str, interrupts: Interrupts, verbose: bool):
-    """The three Tune phases in order; none starts after an interrupt or a failure that cannot be retried."""
-    for phase, fn, stage, done_file in PHASES:
+               run_id: str, interrupts: Interrupts, verbose: bool, phases=PHASES):
+    """The Tune phases in order; none starts after an interrupt or a failure that cannot be retried."""
+    for phase, fn, stage, done_file in phases:
         units = list({t.keys[stage]: t for t in all_trials if stage in t.keys}.values())
         todo = [t for t in units if not store.exists(t.keys[stage], done_file)]
         log.info("[%s phase] %d to run, %d stored", phase, len(todo), len(units) - len(todo))
@@ -303,7 +321,7 @@ def run_phases(study: StudyConfig, all_trials: list[Trial], store: ArtifactStore
         fatal: list = []
         events, stopper = callbacks(phase, todo, study, fatal, tracker)
         digest = hashlib.sha256(json.dumps([t.keys[stage] for t in todo]).encode()).hexdigest()[:8]
-        eval_actors = study.eval_actors if phase == "policy" else 0
+        eval_actors = study.eval_actors if stage == "evaluation" else 0      # the phase that evaluates
         tune.Tuner(
             tune.with_resources(tune.with_parameters(fn, study=study, units={hyper_id(t.hyper): t for t in todo},
                                                      run_id=run_id),

@@ -185,7 +185,7 @@ class Trial:
 
 def hyper_id(hyper: dict[str, Any]) -> str:
     """A trial's identity within a study: its hyperparameters, canonically serialised."""
-    return json.dumps({k: hyper[k] for k in HYPER}, sort_keys=True)
+    return json.dumps(hyper, sort_keys=True)
 
 
 def _key_cfg(cfg) -> dict:

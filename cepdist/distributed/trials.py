@@ -189,8 +189,9 @@ def energy_stage(ctx: Context):
     run_stage(ctx, "energy", fn)
 
 
-def iql_stage(ctx: Context):
-    cfg, key, uri = ctx.trial.config, ctx.trial.keys["iql"], ctx.study.store
+def iql_stage(ctx: Context, cfg=None):
+    """Offline IQL: QGPO studies' baseline (the trial's config), EDIS's pre-training (its `iql` section)."""
+    cfg, key, uri = cfg or ctx.trial.config, ctx.trial.keys["iql"], ctx.study.store
     data_of = functools.partial(load_data, ctx.trial.task, ctx.study.data_root)
 
     def fn(parallel, ckpt_path, callback, device):

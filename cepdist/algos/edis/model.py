@@ -40,6 +40,12 @@ class TransitionModel:
         self.plan = plan_for(self.schedule, cfg.solver)
         self.s_dim, self.a_dim = nets["state"].action_dim, nets["policy"].action_dim
 
+    def to(self, device) -> "TransitionModel":
+        for net in self.nets.values():
+            net.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     # -------------------------------------------------------------- normalisation: x = [s, a, r, d, s']
     @staticmethod
     def stack(data: Transitions) -> torch.Tensor:
@@ -94,11 +100,17 @@ class TransitionModel:
 
 
 
-def load_transition_model(cfg: TransitionModelConfig, ckpt_dir: Path) -> TransitionModel:
-    """The model that train_transition_model(…, ckpt_dir=ckpt_dir) finished."""
-    m = checkpoint.load(Path(ckpt_dir) / "moments.pt")
-    return TransitionModel(cfg, {f: load_behavior(Path(ckpt_dir) / f"{f}.pt").requires_grad_(False) for f in FACTORS},
-                           m["mean"], m["std"])
+def pack_transition_model(ckpt_dir: Path) -> dict:
+    """The finished model under ckpt_dir as one checkpoint dict (what a store keeps)."""
+    return {"moments": checkpoint.load(Path(ckpt_dir) / "moments.pt"),
+            **{f: checkpoint.load(Path(ckpt_dir) / f"{f}.pt") for f in FACTORS}}
+
+
+def load_transition_model(cfg: TransitionModelConfig, src: Path | dict) -> TransitionModel:
+    """The model that train_transition_model(…, ckpt_dir=src) finished, or its pack_transition_model dict."""
+    ck = src if isinstance(src, dict) else pack_transition_model(src)
+    return TransitionModel(cfg, {f: load_behavior(ck[f]).requires_grad_(False) for f in FACTORS},
+                           ck["moments"]["mean"], ck["moments"]["std"])
 
 
 def _factor_config(cfg: TransitionModelConfig, steps: int) -> BehaviorConfig:
