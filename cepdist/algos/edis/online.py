@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -120,14 +121,13 @@ def run_online(cfg: EDISConfig, task: Task, offline: Transitions, agent: IQLAgen
                         energies=energies.state_dict() if energies is not None else {}, rng=gen.get_state(),
                         np_seed=int(rng.integers(2**62)), history=history, seconds=seconds)
 
+    @contextmanager
     def timed(part):
-        class T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                seconds[part] += time.perf_counter() - self.t
-        return T()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[part] += time.perf_counter() - t0
 
     def record_eval():
         if evaluate is None:
