@@ -15,6 +15,7 @@ cepdist in a separate environment:
         && .venv-iql/bin/pip install --no-deps d3rlpy==2.8.1 \\
         && .venv-iql/bin/pip install tqdm "gym>=0.26" click structlog colorama dataclasses-json scikit-learn
     .venv-iql/bin/python benchmarks/iql_baseline.py --task hopper-medium-local --seeds 0 1 2 --data-root DIR
+    python benchmarks/iql_baseline.py --compare results/local/results.parquet   # the table against a study
 """
 from __future__ import annotations
 
@@ -49,7 +50,43 @@ def evaluate(iql, task, seed: int, n_val: int, episodes: int) -> list[float]:
     return scores
 
 
+def compare(results: Path, study_table: Path) -> str:
+    """Markdown: IQL per compute mark (mean [95% CI] over seeds) beside the study's QGPO (w = 0 and the
+    validation-selected w, test episodes, last evaluation) and its compute per trial; IQL − QGPO paired per seed
+    at the mark closest to QGPO's compute."""
+    import pandas as pd
+    from cepdist.analysis.stats import bootstrap_ci, final, summary_table
+    df = pd.read_parquet(study_table)
+    df = df[df.algorithm == "qgpo"] if "algorithm" in df.columns else df
+    sm = summary_table(df, 1.0)
+    f = final(df)
+    cell = lambda x: f"{np.mean(x):.1f} [{bootstrap_ci(x)[0]:.1f}, {bootstrap_ci(x)[1]:.1f}]"
+    md = ["| task | QGPO compute (min) | QGPO w = 0 | QGPO, w chosen on validation | IQL at 2.5 / 5 / 10 / 15 min "
+          "(mean over seeds) | IQL at 15 min | IQL − QGPO (validation w), paired |", "|---|---|---|---|---|---|---|"]
+    for path in sorted(results.glob("iql-*.json")):
+        r = json.loads(path.read_text())
+        ev = pd.DataFrame(r["evaluations"])
+        ev["mark"] = ev.groupby("seed").cumcount()
+        g = f[f.task == r["task"]]
+        if g.empty:
+            continue
+        val = sm[(sm.task == r["task"]) & (sm.rule == "validation")].iloc[0]
+        q_val = g[g.scale == val.w].set_index("seed")["score"].sort_index()
+        q0 = g[g.scale == 0.0].set_index("seed")["score"].sort_index()
+        marks = [ev[ev.mark == m]["score"].mean() for m in sorted(ev.mark.unique())]
+        last = ev[ev.mark == ev.mark.max()].set_index("seed")["score"].sort_index()
+        d = (last - q_val).dropna().to_numpy()
+        md.append(f"| {r['task']} | {g.compute_seconds.mean() / 60:.1f} | {cell(q0.to_numpy())} | w = {val.w:g}: "
+                  f"{cell(q_val.to_numpy())} | {' / '.join(f'{m:.1f}' for m in marks)} | {cell(last.to_numpy())} | "
+                  f"{cell(d)} |")
+    return "\n".join(md)
+
+
 def main():
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--compare":       # --compare STUDY_RESULTS_PARQUET
+        print(compare(Path(__file__).parent / "results", Path(sys.argv[2])))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="hopper-medium-local")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
