@@ -157,13 +157,8 @@ def model_stage(ctx):
 
 def online_stage(ctx):
     """The online loop with its evaluations; result.json marks it done."""
-    ctx.stage = "evaluation"
-    key = ctx.trial.keys["evaluation"]
-    if ctx.store.exists(key, "result.json"):
-        return
-    with ctx.store.lease(key, done="result.json", on_wait=lambda: ctx.event(event="waiting")) as mine:
-        if mine:
-            _online(ctx, key)
+    from .trials import evaluation_stage
+    evaluation_stage(ctx, _online)
 
 
 def _online(ctx, key: str):

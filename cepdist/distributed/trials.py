@@ -201,15 +201,17 @@ def iql_stage(ctx: Context, cfg=None):
     run_stage(ctx, "iql", fn)
 
 
-def evaluation_stage(ctx: Context):
-    """Evaluate the policy at each of the trial's evaluation steps that has no stored evaluation yet."""
+def evaluation_stage(ctx: Context, work: Callable[[Context, str], None] | None = None):
+    """Evaluate the policy at each of the trial's evaluation steps that has no stored evaluation yet (or run
+    `work(ctx, key)`, e.g. EDIS's online loop, which evaluates as it goes), unless result.json marks it done;
+    one trial at a time holds the key's lease."""
     ctx.stage = "evaluation"
     key = ctx.trial.keys["evaluation"]
     if ctx.store.exists(key, "result.json"):
         return
     with ctx.store.lease(key, done="result.json", on_wait=lambda: ctx.event(event="waiting")) as mine:
         if mine:
-            _evaluate(ctx, key)
+            (work or _evaluate)(ctx, key)
 
 
 def _evaluate(ctx: Context, key: str):
