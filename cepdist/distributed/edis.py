@@ -136,9 +136,11 @@ def make_trial(study: EDISStudyConfig, hyper: dict[str, Any], data: dict[str, An
 
 
 def trials(study: EDISStudyConfig) -> list[EDISTrial]:
+    # arms outermost: trials that run side by side then own different offline stages instead of one of them
+    # waiting on the other's shared IQL lease
     data = {name: dataset_file(study, name) for name in study.tasks}
     return [make_trial(study, {"task": t, "seed": s, "arm": a}, data[t])
-            for t, s, a in itertools.product(study.tasks, study.seeds, study.arms)]
+            for a, t, s in itertools.product(study.arms, study.tasks, study.seeds)]
 
 
 # ---------------------------------------------------------------- the stages as the trials run them
