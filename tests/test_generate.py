@@ -49,9 +49,9 @@ def test_generator_refuses_d4rl_names_and_missing_policies(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not ZOO.is_dir(), reason="pretrained agents not available (set CEPDIST_POLICY_DIR)")
-@pytest.mark.parametrize("task,lo,hi", [("hopper-expert-local", 80, 120), ("halfcheetah-medium-local", 30, 60)])
+@pytest.mark.parametrize("task,lo,hi", [("hopper-expert-local", 80, 120), ("halfcheetah-medium-local", 20, 60)])
 def test_agent_levels_reach_their_scores(tmp_path, task, lo, hi):
-    """TQC is an expert (≈100 normalised on Hopper); ARS is a medium HalfCheetah (≈42)."""
+    """TQC is an expert (≈100 normalised on Hopper); ARS with action noise 0.2 is a medium HalfCheetah (≈34)."""
     p = generate(task, tmp_path / "d.hdf5", n_rows=2000, seed=0, policy_root=ZOO, n_envs=2)
     info = datasets.summarize(datasets.read_hdf5(p, get_task(task)), get_task(task))
     assert info["episodes"] >= 1
@@ -74,6 +74,38 @@ def test_generated_walker_data_records_its_model_and_stale_files_are_refused(tmp
     with pytest.raises(DatasetError, match=r"generated under the 'default' model.*cepdist data generate --task "
                                            r"walker2d-random-local"):
         ensure_datasets([task.name], str(tmp_path))
+
+
+@pytest.mark.skipif(not ZOO.is_dir(), reason="pretrained agents not available (set CEPDIST_POLICY_DIR)")
+def test_medium_data_varies_at_a_state_reproducibly_and_an_old_recipe_is_refused(tmp_path):
+    """Medium hopper samples SAC's own action distribution (D4RL's way): at one state the agent's actions
+    differ, the same seed gives the same file, and a file of the old deterministic recipe is refused."""
+    import torch
+    from cepdist.data.datasets import DatasetError
+    from cepdist.envs.environments import make_env
+    from cepdist.envs.generate import AgentPolicy, ensure_datasets, recipe
+    task = get_task("hopper-medium-local")
+    env = make_env(task)
+    obs = env.reset(seed=0)[0][None].repeat(64, 0)
+    torch.manual_seed(0)
+    acts = AgentPolicy("sac", "hopper", ZOO, env.action_space, env.observation_space, stochastic=True)(obs)
+    assert 0.05 < acts.std(0).mean() < 0.5                     # varies at one state, still a policy
+    a = generate(task.name, tmp_path / "a.hdf5", n_rows=300, seed=1, policy_root=ZOO, n_envs=2)
+    b = generate(task.name, tmp_path / "b.hdf5", n_rows=300, seed=1, policy_root=ZOO, n_envs=2)
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert np.array_equal(fa["actions"][()], fb["actions"][()])
+        assert fa["metadata/policies"][()].decode() == recipe("hopper", "medium") == \
+            "sac(noise=0.0,share=1.0,stochastic)"
+        pass
+    del_path = datasets.local_path(task, tmp_path)
+    del_path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(a, del_path)
+    ensure_datasets([task.name], str(tmp_path), policy_dir=str(ZOO))     # current recipe: accepted
+    with h5py.File(del_path, "a") as f:
+        del f["metadata/policies"]
+        f["metadata/policies"] = "sac(noise=0.0,share=1.0)"                # the deterministic recipe
+    with pytest.raises(DatasetError, match=r"generated from 'sac\(noise=0.0,share=1.0\)'.*regenerate it"):
+        ensure_datasets([task.name], str(tmp_path), policy_dir=str(ZOO))
 
 
 class _Evil:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from ..data.datasets import DatasetError, local_path, read_hdf5
 from ..data.tasks import Task, get_task
@@ -38,14 +39,25 @@ ZOO_ENV = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker
 
 @dataclass(frozen=True)
 class Source:
-    """One behaviour policy: 'random' or an agent algorithm, with action-noise std, for a share of rows."""
+    """One behaviour policy: 'random' or an agent algorithm, for a share of rows. `stochastic` samples the
+    agent's own action distribution, as D4RL sampled its SAC agents (action = mean + std·ε), instead of its
+    mean; `noise` adds Gaussian action noise of that std (for agents without a distribution of their own)."""
     policy: str
     noise: float = 0.0
     share: float = 1.0
+    stochastic: bool = False
+
+    def describe(self) -> str:
+        return f"{self.policy}(noise={self.noise},share={self.share}{',stochastic' if self.stochastic else ''})"
 
 
-# level → sources per environment (agents chosen by their measured scores; see the policies' README)
-MEDIUM = {"halfcheetah": Source("ars"), "hopper": Source("sac"), "walker2d": Source("sac", noise=0.5)}
+# level → sources per environment (agents chosen by their measured scores; see the policies' README). Medium
+# data must vary at a state, as D4RL's does: a deterministic agent leaves in-support methods (QGPO, IQL) no
+# action to prefer. Measured on 3 episodes (D4RL-normalised score; per-dimension action std at one state):
+# hopper sac stochastic 35.6, 0.13 (deterministic 34.3, 0); halfcheetah ars + noise 0.2: 34.1, 0.2 (ars alone
+# 41.9, 0; ppo's own distribution 48.4 but only 0.05; sac's 73.5, too strong for medium)
+MEDIUM = {"halfcheetah": Source("ars", noise=0.2), "hopper": Source("sac", stochastic=True),
+          "walker2d": Source("sac", noise=0.5)}
 EXPERT = Source("tqc")
 
 
@@ -62,6 +74,11 @@ def level_sources(env: str, level: str) -> list[list[Source]]:
     if level == "medium-replay":
         return [[Source("random", share=0.2), Source("a2c", 0.3, 0.3), Source(MEDIUM[env].policy, 0.6, 0.5)]]
     raise ValueError(f"unknown level {level!r}; expected random, medium, expert, medium-expert, medium-replay")
+
+
+def recipe(env: str, level: str) -> str:
+    """The sources of a level as recorded in a generated file's metadata (a changed recipe is a stale file)."""
+    return "; ".join(s.describe() for p in level_sources(env, level) for s in p)
 
 
 def policy_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -124,9 +141,10 @@ def load_agent(model_cls, archive: Path, custom_objects: dict):
 
 
 class AgentPolicy:
-    """A deterministic SB3 agent (+ observation normalisation), with optional Gaussian action noise."""
+    """An SB3 agent (+ observation normalisation): its mean action, or a sample of its action distribution
+    (`stochastic`; drawn from torch's global generator, which `rollouts` seeds)."""
 
-    def __init__(self, algo: str, env: str, root: Path, action_space, observation_space):
+    def __init__(self, algo: str, env: str, root: Path, action_space, observation_space, stochastic: bool = False):
         if algo not in ALGOS:
             raise ValueError(f"unknown agent algorithm {algo!r}; expected one of {', '.join(ALGOS)}")
         zoo = ZOO_ENV[env]
@@ -146,12 +164,13 @@ class AgentPolicy:
             v = RestrictedUnpickler(vn.read_bytes(), str(vn)).load()
             self.norm = (v.obs_rms.mean, np.sqrt(v.obs_rms.var + v.epsilon), v.clip_obs)
         self.name = f"{algo}:{archive}"
+        self.stochastic = stochastic
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         if self.norm is not None:
             mean, std, clip = self.norm
             obs = np.clip((obs - mean) / std, -clip, clip)
-        a, _ = self.model.predict(obs.astype(np.float32), deterministic=True)
+        a, _ = self.model.predict(obs.astype(np.float32), deterministic=not self.stochastic)
         return a
 
 
@@ -161,8 +180,10 @@ def rollouts(task: Task, source: Source, n_rows: int, seed: int, root: Path | No
     envs = [make_env(task) for _ in range(n_envs)]
     space = envs[0].action_space
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)                                   # the agents' own sampling
     policy = None if source.policy == "random" else AgentPolicy(
-        source.policy, task.name.split("-")[0], policy_dir(root), space, envs[0].observation_space)
+        source.policy, task.name.split("-")[0], policy_dir(root), space, envs[0].observation_space,
+        source.stochastic)
     obs = np.stack([e.reset(seed=seed * 10_000 + i)[0] for i, e in enumerate(envs)])
     bufs = [[] for _ in envs]
     out: list[tuple] = []
@@ -238,7 +259,7 @@ def generate(task_name: str, out: Path, n_rows: int = 1_000_000, seed: int = 0, 
         md["env_id"] = task.env_id
         md["model"] = Path(model_file(task) or "default").name
         md["seed"] = seed
-        md["policies"] = "; ".join(f"{s.policy}(noise={s.noise},share={s.share})" for p in parts for s in p)
+        md["policies"] = recipe(env, level)
     os.replace(tmp, out)
     el = time.perf_counter() - t0
     log.info("generate %s: %d rows in %.0fs (%.0f transitions/s) → %s", task.name, len(data["rewards"]), el,
@@ -286,10 +307,16 @@ def _ensure(task: Task, path: Path, rows: int | None, policy_dir: str | None):
         if task.local:
             with h5py.File(path, "r") as f:
                 found = f["metadata/model"][()].decode() if "metadata/model" in f else "default"
+                sources = f["metadata/policies"][()].decode() if "metadata/policies" in f else "unrecorded"
             expected = Path(model_file(task) or "default").name
+            regenerate = f"regenerate it: `cepdist data generate --task {task.name}`"
             if found != expected:
                 raise DatasetError(f"{path}: generated under the {found!r} model, but {task.name} runs on "
-                                   f"{expected!r}; regenerate it: `cepdist data generate --task {task.name}`")
+                                   f"{expected!r}; {regenerate}")
+            want = recipe(*task.name[: -len("-local")].split("-", 1))
+            if sources != want:
+                raise DatasetError(f"{path}: generated from {sources!r}, but {task.name} is now generated from "
+                                   f"{want!r}; {regenerate}")
         return
     if not task.local:
         raise DatasetError(f"{task.name}: no file at {path}; `cepdist data download {task.name}` "
