@@ -137,3 +137,15 @@ def dump_yaml(cfg) -> str:
 
 def load_yaml(cls, text: str):
     return from_dict(cls, yaml.safe_load(text))
+
+
+class Errors(list):
+    """Validation messages, collected so that one error names every bad option at once."""
+
+    def __init__(self, where: str = ""):
+        super().__init__()
+        self.where = where
+
+    def need(self, ok: bool, key: str, allowed: str):
+        if not ok:
+            self.append(f"{self.where}{key} must be {allowed}")

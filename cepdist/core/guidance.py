@@ -13,7 +13,6 @@ Guided ε-prediction:  ε̃ = εθ(a_t, s, t) − w·σt·∇a f_t(a_t, s),  w =
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

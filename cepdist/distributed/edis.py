@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..algos.edis.config import EDISConfig, check as check_edis
-from ..config import replace, to_dict
+from ..config import Errors, replace, to_dict
 from ..data.tasks import get_task
 from .store import ArtifactStore, stage_key
 from .study import _data_id, _key_cfg, dataset_file
@@ -70,11 +70,9 @@ def load_study(preset: EDISStudyConfig, *layers: dict[str, Any] | None) -> EDISS
 
 
 def validate(study: EDISStudyConfig) -> EDISStudyConfig:
-    errors = []
+    errors = Errors()
 
-    def need(ok, key, allowed):
-        if not ok:
-            errors.append(f"{key} must be {allowed}")
+    need = errors.need
     need(len(study.tasks) > 0, "tasks", "a non-empty list")
     for t in study.tasks:
         get_task(t)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..algos.iql import IQLConfig
 from ..algos.qgpo.config import NOT_IN_KEY, QGPOConfig
-from ..config import from_dict, merge, replace, to_dict
+from ..config import Errors, from_dict, merge, replace, to_dict
 from ..data.datasets import fingerprint, local_path
 from ..data.tasks import get_task
 from .store import ArtifactStore, stage_key
@@ -119,11 +119,9 @@ def validate(study: StudyConfig) -> StudyConfig:
     """The study's ranges (its field types were checked on load); one error listing every violation."""
     from ..algos.qgpo.config import check
     from ..core.guidance import METHODS
-    errors = []
+    errors = Errors()
 
-    def need(ok, key, allowed):
-        if not ok:
-            errors.append(f"{key} must be {allowed}")
+    need = errors.need
     need(len(study.tasks) > 0, "tasks", "a non-empty list")
     for t in study.tasks:
         get_task(t)

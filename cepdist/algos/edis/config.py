@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...config import Errors
 from ..iql import IQLConfig
 from ..qgpo.config import LR_SCHEDULES, ScheduleConfig, SolverConfig
 
@@ -72,11 +73,9 @@ class EDISConfig:
 
 def check(cfg: EDISConfig, where: str = "") -> list[str]:
     """Every range violation, each naming its dotted key and what is allowed."""
-    errors = []
+    errors = Errors(where)
 
-    def need(ok: bool, key: str, allowed: str):
-        if not ok:
-            errors.append(f"{where}{key} must be {allowed}")
+    need = errors.need
 
     m, e, o = cfg.model, cfg.energies, cfg.online
     for key, v in (("model.steps", m.steps), ("model.refresh_steps", m.refresh_steps),

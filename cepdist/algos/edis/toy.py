@@ -31,7 +31,7 @@ from ..qgpo.stages import seed_generator
 from ..toy import sliced_w2
 from .config import EnergiesConfig, TransitionModelConfig
 from .energies import Energies, contrast_sets, train_energies
-from .model import FACTORS, TransitionModel, load_transition_model, train_transition_model
+from .model import FACTORS, load_transition_model, train_transition_model
 
 
 def _states(rng, n: int, online: bool) -> np.ndarray:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...config import Errors
+
 NOT_IN_KEY = ("log_every", "ckpt_every")       # settings that change no stage's result
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -106,11 +108,9 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     """Every range violation of a QGPO config, each naming its dotted key and what is allowed."""
     from ...core.analytic import COVARIANCES, ORDERS
     from ...core.guidance import METHODS
-    errors = []
+    errors = Errors(where)
 
-    def need(ok: bool, key: str, allowed: str):
-        if not ok:
-            errors.append(f"{where}{key} must be {allowed}")
+    need = errors.need
 
     def solver(s: SolverConfig, key: str):
         need(s.steps >= 1, f"{key}.steps", "≥ 1")
