@@ -211,18 +211,16 @@ def _online(ctx, key: str):
     ctx.event(event="done", seconds=seconds)
 
 
-def offline_phase(config: dict, study: EDISStudyConfig, units: dict, run_id: str):
-    from .trials import _run, iql_stage
-    _run(config, study, units, run_id, (lambda ctx: iql_stage(ctx, ctx.trial.config.iql),))
-
-
 def online_phase(config: dict, study: EDISStudyConfig, units: dict, run_id: str):
-    from .trials import _run
-    stages = (model_stage, online_stage) if config["trial"]["arm"] == "edis" else (online_stage,)
+    """One phase: each trial trains (or finds stored, or waits on the lease of) its offline IQL, then its model
+    (edis arm), then runs the online stage; no barrier holds a core idle while the last IQL trains."""
+    from .trials import _run, iql_stage
+    iql = lambda ctx: iql_stage(ctx, ctx.trial.config.iql)                          # noqa: E731
+    stages = (iql, model_stage, online_stage) if config["trial"]["arm"] == "edis" else (iql, online_stage)
     _run(config, study, units, run_id, stages)
 
 
-PHASES = (("offline", offline_phase, "iql", "artifact.pt"), ("online", online_phase, "evaluation", "result.json"))
+PHASES = (("online", online_phase, "evaluation", "result.json"),)
 
 
 # ---------------------------------------------------------------- the results table
