@@ -4,7 +4,8 @@ the only part of Q that guidance uses (CEP's labels are a softmax over one state
 For `--states` dataset states: reset MuJoCo to the file's (qpos, qvel), take each of K behaviour samples a_i,
 then follow the behaviour model (w = 0) for `--horizon` steps, `--reps` times; the discounted return plus
 γ^H·Q̄ at the cut is Q^μ(s, a_i). Prints and writes: Spearman between Q̄(s, ·) and the Monte-Carlo values per
-state (mean, median), the Monte-Carlo value of Q̄'s argmax over the support mean, and the Monte-Carlo spread
+state (mean, median) beside the same statistic between two halves of the rollouts (the ceiling the
+Monte-Carlo noise allows), the Monte-Carlo value of Q̄'s argmax over the support mean, and the Monte-Carlo spread
 within a state against its standard error (how much there is to choose from at all).
 
     python benchmarks/q_ranking.py --task hopper-medium-local --data-root DIR \\
@@ -82,18 +83,23 @@ def main():
     m = mc.mean(0)
     rho = np.array([spearmanr(qbar[i], m[i]).statistic for i in range(a.states)])
     best = np.argmax(qbar, 1)
+    half = a.reps // 2                  # the ceiling Monte-Carlo noise allows: one half of the rollouts vs the other
+    rho_half = np.array([spearmanr(mc[:half, i].mean(0), mc[half:, i].mean(0)).statistic for i in range(a.states)]) \
+        if half else np.full(a.states, np.nan)
     out = {"task": a.task, "behavior": a.behavior, "q": a.q, "states": a.states, "K": a.K, "horizon": a.horizon,
            "reps": a.reps, "q_mean": float(qbar.mean()), "mc_mean": float(m.mean()),
            "q_spread": float(np.ptp(qbar, 1).mean()), "mc_spread": float(np.ptp(m, 1).mean()),
            "mc_se": float(mc.std(0, ddof=1).mean() / np.sqrt(a.reps)) if a.reps > 1 else None,
            "spearman_mean": float(np.nanmean(rho)), "spearman_median": float(np.nanmedian(rho)),
            "spearman_se": float(np.nanstd(rho, ddof=1) / np.sqrt(np.isfinite(rho).sum())),
+           "spearman_split_half_mc": float(np.nanmean(rho_half)),
            "mc_gain_of_q_argmax": float(np.mean(m[np.arange(a.states), best] - m.mean(1))),
            "mc_gain_of_mc_argmax": float(np.mean(m.max(1) - m.mean(1)))}
     print(f"Q̄ {out['q_mean']:.2f} (Monte-Carlo {out['mc_mean']:.2f}, raw rewards); spread within a state: Q̄ "
           f"{out['q_spread']:.3f}, Monte-Carlo {out['mc_spread']:.3f} (se {out['mc_se']:.3f})")
     print(f"Spearman(Q̄, Monte-Carlo) within a state: mean {out['spearman_mean']:.3f} ± {out['spearman_se']:.3f}, "
-          f"median {out['spearman_median']:.3f}")
+          f"median {out['spearman_median']:.3f}; Monte-Carlo against itself (half the rollouts each): "
+          f"{out['spearman_split_half_mc']:.3f}")
     print(f"Monte-Carlo gain over the support mean: Q̄'s argmax {out['mc_gain_of_q_argmax']:.3f}, the best "
           f"(noise-inflated) {out['mc_gain_of_mc_argmax']:.3f}")
     p = Path(a.out or Path(__file__).parent / "results" / f"q_ranking-{a.task}.json")
