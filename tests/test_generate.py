@@ -96,12 +96,11 @@ def test_medium_data_varies_at_a_state_reproducibly_and_an_old_recipe_is_refused
         assert np.array_equal(fa["actions"][()], fb["actions"][()])
         assert fa["metadata/policies"][()].decode() == recipe("hopper", "medium") == \
             "sac(noise=0.0,share=1.0,stochastic)"
-        pass
-    del_path = datasets.local_path(task, tmp_path)
-    del_path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(a, del_path)
+    path = datasets.local_path(task, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(a, path)
     ensure_datasets([task.name], str(tmp_path), policy_dir=str(ZOO))     # current recipe: accepted
-    with h5py.File(del_path, "a") as f:
+    with h5py.File(path, "a") as f:
         del f["metadata/policies"]
         f["metadata/policies"] = "sac(noise=0.0,share=1.0)"                # the deterministic recipe
     with pytest.raises(DatasetError, match=r"generated from 'sac\(noise=0.0,share=1.0\)'.*regenerate it"):

@@ -13,7 +13,6 @@ Guided ε-prediction:  ε̃ = εθ(a_t, s, t) − w·σt·∇a f_t(a_t, s),  w =
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -71,7 +71,6 @@ def load_study(preset: EDISStudyConfig, *layers: dict[str, Any] | None) -> EDISS
 
 def validate(study: EDISStudyConfig) -> EDISStudyConfig:
     errors = Errors()
-
     need = errors.need
     need(len(study.tasks) > 0, "tasks", "a non-empty list")
     for t in study.tasks:

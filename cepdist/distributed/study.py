@@ -120,7 +120,6 @@ def validate(study: StudyConfig) -> StudyConfig:
     from ..algos.qgpo.config import check
     from ..core.guidance import METHODS
     errors = Errors()
-
     need = errors.need
     need(len(study.tasks) > 0, "tasks", "a non-empty list")
     for t in study.tasks:

@@ -76,6 +76,12 @@ def level_sources(env: str, level: str) -> list[list[Source]]:
     raise ValueError(f"unknown level {level!r}; expected random, medium, expert, medium-expert, medium-replay")
 
 
+def env_level(task: Task) -> tuple[str, str]:
+    """("hopper", "medium-expert") for hopper-medium-expert-local."""
+    env, level = task.name.removesuffix("-local").split("-", 1)
+    return env, level
+
+
 def recipe(env: str, level: str) -> str:
     """The sources of a level as recorded in a generated file's metadata (a changed recipe is a stale file)."""
     return "; ".join(s.describe() for p in level_sources(env, level) for s in p)
@@ -182,7 +188,7 @@ def rollouts(task: Task, source: Source, n_rows: int, seed: int, root: Path | No
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)                                   # the agents' own sampling
     policy = None if source.policy == "random" else AgentPolicy(
-        source.policy, task.name.split("-")[0], policy_dir(root), space, envs[0].observation_space,
+        source.policy, env_level(task)[0], policy_dir(root), space, envs[0].observation_space,
         source.stochastic)
     obs = np.stack([e.reset(seed=seed * 10_000 + i)[0] for i, e in enumerate(envs)])
     bufs = [[] for _ in envs]
@@ -222,8 +228,7 @@ def generate(task_name: str, out: Path, n_rows: int = 1_000_000, seed: int = 0, 
     task = get_task(task_name)
     if not task.local:
         raise ValueError(f"{task.name} is a D4RL task; generated datasets are registered as <env>-<level>-local")
-    env, level = task.name.split("-", 1)
-    level = level[: -len("-local")]
+    env, level = env_level(task)
     parts = level_sources(env, level)
     if any(s.policy != "random" for p in parts for s in p):
         policy_dir(policy_root)                               # fail before any rollout
@@ -313,7 +318,7 @@ def _ensure(task: Task, path: Path, rows: int | None, policy_dir: str | None):
             if found != expected:
                 raise DatasetError(f"{path}: generated under the {found!r} model, but {task.name} runs on "
                                    f"{expected!r}; {regenerate}")
-            want = recipe(*task.name[: -len("-local")].split("-", 1))
+            want = recipe(*env_level(task))
             if sources != want:
                 raise DatasetError(f"{path}: generated from {sources!r}, but {task.name} is now generated from "
                                    f"{want!r}; {regenerate}")

@@ -74,7 +74,6 @@ class EDISConfig:
 def check(cfg: EDISConfig, where: str = "") -> list[str]:
     """Every range violation, each naming its dotted key and what is allowed."""
     errors = Errors(where)
-
     need = errors.need
 
     m, e, o = cfg.model, cfg.energies, cfg.online

@@ -109,7 +109,6 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     from ...core.analytic import COVARIANCES, ORDERS
     from ...core.guidance import METHODS
     errors = Errors(where)
-
     need = errors.need
 
     def solver(s: SolverConfig, key: str):
