@@ -75,13 +75,28 @@ def cluster():
     c.shutdown()
 
 
+def lose_mlflow_ends(study):
+    """What a driver killed between the store's write and its MLflow callbacks leaves: one trial's run still
+    RUNNING, another's run missing."""
+    tr = MLflowTracker(study.mlflow_uri, study.name)
+    first, second = tr.client.search_runs([tr.experiment_id])[:2]
+    tr.client.update_run(first.info.run_id, status="RUNNING")
+    tr.client.delete_run(second.info.run_id)
+
+
 def test_study_on_three_nodes(cluster, tmp_path):
+    """A study spread over three nodes; a second run computes nothing but completes the MLflow runs that a
+    killed driver left unfinished."""
     study = tiny_study(tmp_path, "multinode", seeds=(0, 1, 2))
     summary = run_study(study, tmp_path / "out")
     check_complete(study, summary)
     assert summary["executions"] == {"behavior": 3, "support": 3, "q": 3, "energy": 3, "evaluation": 3}
     used = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(used) == 3
+    lose_mlflow_ends(study)
+    again = run_study(study, tmp_path / "out")
+    assert again["executions"] == {}
+    check_complete(study, again)
 
 
 def test_a_non_default_noise_schedule_reaches_every_stage(cluster, tmp_path):
@@ -249,7 +264,8 @@ def test_edis_study_arms_share_offline_iql(cluster, tmp_path):
     """An EDIS study (edis and plain arms, one seed): one offline IQL stage shared by both arms (and keyed as a
     QGPO study's IQL baseline on the same data and settings), one transition model for the edis arm, one online
     stage per arm with evaluations at online steps 0, 300 and 600 in the table (`phase`, `online_step`) and in
-    one FINISHED MLflow run per arm; the report; a second run computes nothing."""
+    one FINISHED MLflow run per arm; the report; a second run computes nothing but completes MLflow runs a
+    killed driver left unfinished."""
     import dataclasses as dc
     from cepdist.analysis.report import build
     from cepdist.distributed import edis
@@ -278,5 +294,11 @@ def test_edis_study_arms_share_offline_iql(cluster, tmp_path):
         assert sorted(m.step for m in tr.client.get_metric_history(r.info.run_id, "score_w0")) == [0, 300, 600]
     index = build(summary["results_table"], tmp_path / "report")
     assert "EDIS − plain" in index.read_text() and (tmp_path / "report" / "online_learning_curves.png").is_file()
+    lose_mlflow_ends(study)
     again = run_study(study, tmp_path / "out")
     assert again["executions"] == {}
+    runs = tr.client.search_runs([tr.experiment_id])
+    assert sorted(r.data.tags["cepdist_key"] for r in runs) == sorted(t.keys["evaluation"] for t in ts)
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert sorted(m.step for m in tr.client.get_metric_history(r.info.run_id, "score_w0")) == [0, 300, 600]

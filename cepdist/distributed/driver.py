@@ -30,7 +30,7 @@ from .results import write_table
 from .store import ArtifactStore
 from .study import STAGES, StudyConfig, Trial, grid, hyper_id, store_path, trials, validate
 from .tracking import MLflowTracker
-from .trials import behavior_phase, policy_phase, q_phase
+from .trials import behavior_phase, evaluation_metrics, policy_phase, q_phase
 
 log = logging.getLogger("cepdist")
 
@@ -41,19 +41,21 @@ PHASES = (("behavior", behavior_phase, "behavior", "artifact.pt"), ("q", q_phase
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """What differs between kinds of study (QGPO's grid, EDIS's arms): validation, trials, phases, table."""
+    """What differs between kinds of study (QGPO's grid, EDIS's arms): validation, trials, phases, table, and
+    a stored evaluation entry as MLflow metrics (with its "step")."""
     validate: Callable
     trials: Callable
     phases: tuple
     write_table: Callable
     stages: tuple
+    metrics: Callable
 
 
 def kind_of(study) -> Kind:
     from . import edis
     if isinstance(study, edis.EDISStudyConfig):
-        return Kind(edis.validate, edis.trials, edis.PHASES, edis.write_table, edis.STAGES)
-    return Kind(lambda s: grid(validate(s)), trials, PHASES, write_table, STAGES)
+        return Kind(edis.validate, edis.trials, edis.PHASES, edis.write_table, edis.STAGES, edis.evaluation_metrics)
+    return Kind(lambda s: grid(validate(s)), trials, PHASES, write_table, STAGES, evaluation_metrics)
 
 
 class StudyInterrupted(RuntimeError):
@@ -158,12 +160,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
         def _run(self, t: Trial) -> str:
             key = t.keys["evaluation"]
             if key not in self.runs:
-                tags = {f"key_{k}": v for k, v in t.keys.items()}
-                self.runs[key] = tracker.start(key, t.label, {**t.hyper, "scales": list(t.scales),
-                                                              "config": dataclasses.asdict(t.config)},
-                                               {**tags, "study": study.name})
-                hist = tracker.client.get_metric_history(self.runs[key], "eval_seconds")
-                self.logged[key] = {m.step for m in hist}          # logged by an earlier attempt
+                self.runs[key], self.logged[key] = open_run(tracker, study, t)
             return self.runs[key]
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -239,6 +236,32 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
     return Events(), StopOnFatal()
 
 
+def open_run(tracker: MLflowTracker, study, t: Trial) -> tuple[str, set[int]]:
+    """A trial's MLflow run (an earlier attempt's, or a new one) and the evaluation steps it has logged."""
+    tags = {f"key_{k}": v for k, v in t.keys.items()}
+    rid = tracker.start(t.keys["evaluation"], t.label, {**t.hyper, "scales": list(t.scales),
+                                                       "config": dataclasses.asdict(t.config)},
+                        {**tags, "study": study.name})
+    return rid, {m.step for m in tracker.client.get_metric_history(rid, "dataset_score")}
+
+
+def reconcile_runs(study, ts: list[Trial], store: ArtifactStore, tracker: MLflowTracker, metrics: Callable):
+    """Every trial with a stored result gets a FINISHED MLflow run with all its evaluations, also when the
+    driver died between the store's write and the callbacks' (the trial is not run again on resume)."""
+    runs = {r.data.tags.get("cepdist_key"): r for r in tracker.runs()}
+    for t in ts:
+        key = t.keys["evaluation"]
+        run = runs.get(key)
+        if (run is not None and run.info.status == "FINISHED") or not store.exists(key, "result.json"):
+            continue
+        rid, logged = open_run(tracker, study, t)
+        for entry in store.get_json(key)["history"]:
+            m = metrics(t, entry)
+            if m["step"] not in logged:
+                tracker.log_metrics(rid, evaluation_metrics_of(m), int(m["step"]))
+        tracker.finish(rid, "FINISHED")
+
+
 def evaluation_metrics_of(result: dict) -> dict:
     skip = {"event", "stage", "step"}
     return {k: v for k, v in result.items() if k not in skip and isinstance(v, (int, float))
@@ -297,6 +320,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     t0 = time.perf_counter()
     with Interrupts() as interrupts:
         run_phases(study, all_trials, store, tracker, run_id, interrupts, verbose, kind.phases)
+    reconcile_runs(study, all_trials, store, tracker, kind.metrics)
     df = kind.write_table(store, study.name, all_trials, out / "results.parquet")
     mine = [e for e in store.executions() if e.get("run") == run_id]
     summary = {"study": study.name, "trials": len(all_trials), "results_table": str(out / "results.parquet"),

@@ -191,9 +191,9 @@ def _online(ctx, key: str):
                  "seconds": time.perf_counter() - e0}
         history[:] = sorted([h for h in history if h["online_step"] != step] + [entry], key=lambda h: h["online_step"])
         store.put_json(key, history, "history.json")           # persisted as it happens
-        metrics = {"score_w0": float(np.mean(entry["scores"])), "return_w0": float(np.mean(entry["returns"]))}
-        ctx.event(event="evaluation", step=step, dataset_score=dataset_score, **metrics)
-        return metrics
+        metrics = evaluation_metrics(t, entry)
+        ctx.event(event="evaluation", **metrics)
+        return {k: v for k, v in metrics.items() if k.startswith(("score_", "return_"))}
 
     try:
         _, loop_history = run_online(t.config, get_task(t.task), data, agent, model, evaluate=evaluate,
@@ -208,6 +208,12 @@ def _online(ctx, key: str):
     store.record_execution(key, {"stage": "evaluation", "run": ctx.run_id, "trial": t.label, "seconds": seconds,
                                  "parts": parts.get(t.config.online.steps, {})})
     ctx.event(event="done", seconds=seconds)
+
+
+def evaluation_metrics(t: EDISTrial, entry: dict) -> dict:
+    """A stored evaluation as MLflow metrics (the agent acts unguided: scale 0)."""
+    return {"step": entry["online_step"], "dataset_score": entry["dataset_score"],
+            "score_w0": float(np.mean(entry["scores"])), "return_w0": float(np.mean(entry["returns"]))}
 
 
 def online_phase(config: dict, study: EDISStudyConfig, units: dict, run_id: str):

@@ -34,6 +34,16 @@ class MLflowTracker:
                                        max_results=1)
         return runs[0] if runs else None
 
+    def runs(self) -> list:
+        """All runs of the experiment (every page)."""
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+            out += list(page)
+            token = page.token
+            if not token:
+                return out
+
     def start(self, key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """The run for `key`: the existing one (a retried/resumed trial) or a new one."""
         from mlflow.entities import Param
