@@ -54,8 +54,9 @@ def test_an_infeasible_request_is_refused_before_anything_starts(local_ray, tmp_
 
 def test_two_train_workers_with_intermediate_evaluations_survive_a_killed_worker(local_ray, tmp_path):
     study = load_study(tiny_study(tmp_path, "paperpath", seeds=(0,), train_workers=2, train_worker_cpus=0.45,
-                                  eval_every=50),
-                       {"base": {"energy": {"steps": 200, "log_every": 25}}})
+                                  eval_every=200),
+                       # 600 steps between the first snapshot and the end: a window the watcher cannot miss under load
+                       {"base": {"energy": {"steps": 800, "log_every": 100}}})
     store = ArtifactStore(study.store)
     root = Path(study.store)
     killed = []
@@ -64,7 +65,7 @@ def test_two_train_workers_with_intermediate_evaluations_survive_a_killed_worker
         # the keys include the dataset's fingerprint, known once the study has generated it: watch the store
         deadline = time.time() + 300
         while time.time() < deadline:
-            snaps = list(root.glob("energy-*/step-50.pt"))
+            snaps = list(root.glob("energy-*/step-200.pt"))
             if snaps and not (snaps[0].parent / "artifact.pt").exists():
                 pids = train_worker_pids()
                 if pids:
@@ -82,15 +83,15 @@ def test_two_train_workers_with_intermediate_evaluations_survive_a_killed_worker
     # the learning curve is complete: every intermediate evaluation in the table and in MLflow, once
     res = pd.read_parquet(summary["results_table"])
     res = res[res.episode_set == "test"]
-    assert sorted(res.step.unique()) == [50, 100, 150, 200]
+    assert sorted(res.step.unique()) == [200, 400, 600, 800]
     assert len(res) == 4 * len(study.scales)
     tr = MLflowTracker(study.mlflow_uri, study.name)
     (run,) = tr.client.search_runs([tr.experiment_id])
     assert run.info.status == "FINISHED"
     for w in study.scales:
         hist = tr.client.get_metric_history(run.info.run_id, f"score_w{w:g}")
-        assert sorted(m.step for m in hist) == [50, 100, 150, 200]
+        assert sorted(m.step for m in hist) == [200, 400, 600, 800]
         mine = res[res.scale == w].set_index("step").score
         assert all(abs(m.value - mine[m.step]) < 1e-9 for m in hist)
-    ck = store.get_json(t.keys["energy"], "step-200.json")
+    ck = store.get_json(t.keys["energy"], "step-800.json")
     assert set(ck) >= {"energy_loss", "q_mean", "q_std"}
