@@ -11,7 +11,7 @@ checkpoint it prints and records:
   16 behaviour samples at β), with a given critic, on the same episodes.
 
     python benchmarks/behavior_gap.py --data-root DIR --q STORE/q-…/artifact.pt --steps 120000 \\
-        [--widths 128,64,32 --lr 1e-3 --lr-schedule constant --beta 30 --out-dir DIR]
+        [--widths 128,64,32 --batch-size 256 --lr 1e-3 --lr-schedule constant --beta 30 --out-dir DIR]
 Resumes from its checkpoint; writes benchmarks/results/behavior_gap-TASK-NAME.json.
 """
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--widths", default=None, help="e.g. 128,64,32 (default: the local preset's)")
     ap.add_argument("--steps", type=int, default=120_000)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr-schedule", default=None, choices=("constant", "cosine"))
     ap.add_argument("--beta", type=float, default=30.0)
     ap.add_argument("--every", type=int, default=10_000)
@@ -62,8 +63,9 @@ def main():
     base = preset("local").base.behavior
     cfg = dataclasses.replace(base, steps=args.steps, log_every=args.every, ckpt_every=args.every,
                               widths=tuple(int(w) for w in args.widths.split(",")) if args.widths else base.widths,
-                              lr=args.lr or base.lr, lr_schedule=args.lr_schedule or base.lr_schedule)
-    name = args.name or f"w{'-'.join(map(str, cfg.widths))}-lr{cfg.lr:g}-{cfg.lr_schedule}-{cfg.steps}"
+                              lr=args.lr or base.lr, lr_schedule=args.lr_schedule or base.lr_schedule,
+                              batch_size=args.batch_size or base.batch_size)
+    name = args.name or f"w{'-'.join(map(str, cfg.widths))}-b{cfg.batch_size}-lr{cfg.lr:g}-{cfg.lr_schedule}-{cfg.steps}"
     out_dir = Path(args.out_dir) / f"{task.name}-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
