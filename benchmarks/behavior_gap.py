@@ -30,10 +30,8 @@ from cepdist.config import to_dict
 from cepdist.data import datasets
 from cepdist.data.tasks import get_task
 from cepdist.distributed.presets import preset
-from cepdist.envs.environments import make_env
 from cepdist.envs.evaluation import evaluate
-from cepdist.envs.generate import MEDIUM, AgentPolicy, env_level, policy_dir
-from q_selection import Resampling
+from q_selection import Resampling, data_agent
 
 EVAL_SEED = 50_000
 
@@ -57,9 +55,6 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     task = get_task(args.task)
-    env, level = env_level(task)
-    if level != "medium":
-        raise SystemExit(f"--task must be a *-medium-local task (its generating agent is known), not {task.name}")
     base = preset("local").base.behavior
     cfg = dataclasses.replace(base, steps=args.steps, log_every=args.every, ckpt_every=args.every,
                               widths=tuple(int(w) for w in args.widths.split(",")) if args.widths else base.widths,
@@ -70,10 +65,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
 
     data, _ = datasets.load(task.name, root=Path(args.data_root))
-    e = make_env(task)
-    torch.manual_seed(0)                                  # the agent samples from torch's global generator
-    agent = AgentPolicy(MEDIUM[env].policy, env, policy_dir(args.policy_dir), e.action_space,
-                        e.observation_space, stochastic=MEDIUM[env].stochastic)
+    agent = data_agent(task, args.policy_dir, seed=0)
     q = load_q(args.q).requires_grad_(False)
     idx = torch.randint(len(data), (512,), generator=torch.Generator().manual_seed(123))
     states, m = data.obs[idx], 32

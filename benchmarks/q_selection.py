@@ -29,6 +29,20 @@ from cepdist.data.tasks import get_task
 from cepdist.envs.evaluation import evaluate
 
 
+def data_agent(task, policy_dir_=None, seed: int = 0):
+    """The agent that generated a *-medium-local file, sampling as it did (its own action distribution)."""
+    from cepdist.envs.environments import make_env
+    from cepdist.envs.generate import MEDIUM, AgentPolicy, env_level, policy_dir
+    env, level = env_level(task)
+    if level != "medium" or MEDIUM[env].noise:
+        raise SystemExit(f"{task.name}: needs a *-medium-local task whose agent samples its own actions "
+                         "(no added action noise)")
+    src, e = MEDIUM[env], make_env(task)
+    torch.manual_seed(seed)                                 # the agent samples from torch's global generator
+    return AgentPolicy(src.policy, env, policy_dir(policy_dir_), e.action_space, e.observation_space,
+                       stochastic=src.stochastic)
+
+
 class Resampling:
     """The evaluation pool's policy interface; the scale w is β."""
 
@@ -79,17 +93,7 @@ def main():
     else:
         q = load_q(args.q)
     betas = [float(b) for b in args.betas.split(",")]
-    agent = None
-    if args.proposal == "agent":
-        from cepdist.envs.environments import make_env
-        from cepdist.envs.generate import MEDIUM, AgentPolicy, env_level, policy_dir
-        env, level = env_level(task)
-        if level != "medium":
-            raise SystemExit(f"--proposal agent needs a *-medium-local task, not {task.name}")
-        src, e = MEDIUM[env], make_env(task)
-        torch.manual_seed(args.seed)                        # the agent samples from torch's global generator
-        agent = AgentPolicy(src.policy, env, policy_dir(args.policy_dir), e.action_space, e.observation_space,
-                            stochastic=src.stochastic)
+    agent = data_agent(task, args.policy_dir, args.seed) if args.proposal == "agent" else None
     pol = Resampling(load_policy(args.behavior, "cep", seed=args.seed), q.requires_grad_(False), args.n, args.seed,
                      agent)
     rows = []
