@@ -166,7 +166,7 @@ def test_study_survives_the_loss_of_a_node(cluster, tmp_path):
     killed = []
 
     def kill_when_busy():
-        deadline = time.time() + 120
+        deadline = time.time() + 600
         while time.time() < deadline:
             if any(e.get("stage") == "q" for e in store.executions()):
                 c.remove_node(nodes[1])

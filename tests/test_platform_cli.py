@@ -23,7 +23,7 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path):
     """A study killed mid-way, then run again: finished stages are reused, results are complete."""
     if ray.is_initialized():
         ray.shutdown()
-    study = tiny_study(tmp_path, "resume", seeds=(0, 1, 2), betas=(1.0, 3.0))
+    study = tiny_study(tmp_path, "resume", seeds=(0, 1), betas=(1.0, 3.0))      # 4 trials
     cfg = to_dict(study)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, str(ROOT / "sweeps" / "d4rl_all.py"), "--config", str(tmp_path / "study.yaml"),
@@ -41,14 +41,14 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path):
     subprocess.run(["pkill", "-9", "-s", str(p.pid)], capture_output=True)
     first = store.executions()
     done_results = {e["key"] for e in first if e.get("stage") == "evaluation"}
-    assert 2 <= len(done_results) < 6, "the interruption should fall in the middle of the study"
+    assert 2 <= len(done_results) < 4, "the interruption should fall in the middle of the study"
     summary = run_study(study, tmp_path / "out2")
     ray.shutdown()
     check_complete(study, summary)
     again = summary["executions"]
     # behaviour models (one per seed) and finished trials are not recomputed
-    assert again.get("behavior", 0) == 3 - sum(e.get("stage") == "behavior" for e in first)
-    assert again.get("evaluation", 0) == 6 - len(done_results)
+    assert again.get("behavior", 0) == 2 - sum(e.get("stage") == "behavior" for e in first)
+    assert again.get("evaluation", 0) == 4 - len(done_results)
     total = {}
     for e in store.executions():
         total[e["key"]] = total.get(e["key"], 0) + 1

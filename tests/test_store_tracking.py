@@ -103,3 +103,56 @@ def test_a_stage_is_computed_under_one_lease_and_a_stale_lease_is_taken_over(tmp
     with st.lease("q-dead", poll_s=0.02) as mine:
         assert mine
     assert time.time() - t0 < 1
+
+
+def test_a_run_that_fails_then_finishes_is_not_tagged_failed(tmp_path):
+    tr = MLflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "exp")
+    rid = tr.start("trial-abc", "hopper seed 0", {}, {})
+    tr.finish(rid, "FAILED", cause="NonFiniteLossError: energy loss nan")
+    assert tr.client.get_run(rid).data.tags["failure"].startswith("NonFiniteLossError")
+    assert tr.start("trial-abc", "retry", {}, {}) == rid         # the retry (or reconcile) reopens the same run
+    tr.finish(rid, "FINISHED")
+    run = tr.client.get_run(rid)
+    assert run.info.status == "FINISHED" and "failure" not in run.data.tags
+    assert run.data.tags["earlier_failure"].startswith("NonFiniteLossError")
+    assert tr.client.search_runs([tr.experiment_id], "tags.failure != ''") == []
+
+
+def test_a_lease_whose_holder_died_is_taken_over_at_once_and_a_live_ones_is_not(tmp_path):
+    """A study resumed after a kill, or a trial retried after a node loss, does not wait LEASE_STALE_S for the
+    lease its own crashed attempt left; a live holder's lease (or one on another host) is waited for."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+    store = tmp_path / "store"
+    crashed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from cepdist.distributed.store import ArtifactStore\n"
+        f"cm = ArtifactStore({str(store)!r}).lease('q-crashed'); assert next(cm.gen); os._exit(1)")])
+    assert crashed.returncode == 1
+    lease = json.loads((store / "q-crashed" / "lease.json").read_text())
+    assert lease["pid"] != os.getpid()
+    st = ArtifactStore(store)
+    t0 = time.time()
+    with st.lease("q-crashed", poll_s=0.02) as mine:
+        assert mine
+    assert time.time() - t0 < 1
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other_host = {"holder": "elsewhere:1", "host": "elsewhere", "pid": lease["pid"]}     # a dead pid, but not ours
+    try:
+        for key, holder in (("q-live", {"holder": "h:live", "host": lease["host"], "pid": live.pid}),
+                            ("q-other-host", other_host)):
+            (store / key).mkdir()
+            (store / key / "lease.json").write_text(json.dumps({**holder, "refreshed": time.time()}))
+            got = []
+            th = threading.Thread(target=lambda k=key: got.append(st.lease(k, poll_s=0.02).__enter__()), daemon=True)
+            th.start()
+            th.join(0.5)
+            assert th.is_alive() and not got, key           # still waiting for the holder
+            st.put_json(key, {"done": True}, name="artifact.pt")
+            th.join(5)
+            assert got == [False], key                       # the artifact appeared: nothing to compute
+    finally:
+        live.kill()

@@ -8,7 +8,9 @@ a reader never sees a partial artifact. Every execution of a stage is recorded (
 Studies that share a store compute each stage once: a stage is computed under a lease (`lease`), a small
 file created atomically beside the artifact whose holder refreshes it while it works; another study that
 needs the same stage waits for the artifact instead of computing it, and takes the lease over only once it
-has gone stale (its holder crashed), after LEASE_STALE_S seconds without a refresh. The exclusive create is
+has gone stale, after LEASE_STALE_S seconds without a refresh, or at once when its holder is known dead (a
+process of this host that no longer exists, or one on a Ray node the cluster reports dead: a study resumed after
+a kill, or a trial retried after a node loss, does not wait for its own crashed attempt). The exclusive create is
 atomic on local and NFS-like filesystems; object stores (s3://, gs://) have no exclusive create, so there two
 concurrent studies may still race (the artifact they write is the same)."""
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +32,30 @@ import pyarrow.fs as pafs
 
 LEASE_STALE_S = 120.0         # a lease not refreshed for this long belongs to a crashed holder
 LEASE_REFRESH_S = 20.0
+
+
+def _ray_node_id() -> str | None:
+    ray = sys.modules.get("ray")                 # only where Ray is in use; the store itself does not need it
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def holder_dead(info: dict) -> bool:
+    """Whether a lease's holder is known to be gone (never guessed: unknown means alive, the lease then waits
+    until stale). Pids are compared on the holder's own host only."""
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:                  # another user's live process
+            pass
+    ray = sys.modules.get("ray")
+    if info.get("ray_node") and ray is not None and ray.is_initialized():
+        state = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        return state.get(info["ray_node"]) is False
+    return False
 
 
 def stage_key(stage: str, config: dict[str, Any]) -> str:
@@ -116,11 +143,13 @@ class ArtifactStore:
             f.write(payload)
         return True
 
-    def _lease_age(self, path: str) -> float | None:
+    def _lease_info(self, path: str) -> dict | None:
         try:
             with self.fs.open_input_stream(path) as f:
-                return time.time() - float(json.loads(f.read().decode())["refreshed"])
-        except (OSError, ValueError, KeyError):
+                info = json.loads(f.read().decode())
+            float(info["refreshed"])
+            return info
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     @contextlib.contextmanager
@@ -128,10 +157,12 @@ class ArtifactStore:
         """Hold the lease to compute `key`, or wait while another holder computes it.
 
         Yields True when the caller should compute (it holds the lease, refreshed in the background) and
-        False when the artifact (`done`) appeared while waiting. A stale lease is taken over."""
+        False when the artifact (`done`) appeared while waiting. A stale lease, or one whose holder is known dead,
+        is taken over."""
         self.fs.create_dir(self._path(key), recursive=True)
         path = self._path(key, "lease.json")
-        me = {"holder": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"}
+        me = {"holder": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "host": socket.gethostname(),
+              "pid": os.getpid(), "ray_node": _ray_node_id()}
 
         def payload():
             return json.dumps({**me, "refreshed": time.time()}).encode()
@@ -140,10 +171,12 @@ class ArtifactStore:
             if self.exists(key, done):
                 yield False
                 return
-            age = self._lease_age(path)
-            if age is not None and age > LEASE_STALE_S:      # its holder crashed: take it over
-                with contextlib.suppress(OSError):
-                    self.fs.delete_file(path)
+            info = self._lease_info(path)
+            if info is not None and (time.time() - float(info["refreshed"]) > LEASE_STALE_S or holder_dead(info)):
+                again = self._lease_info(path)        # narrow the race with another waiter taking it over first
+                if again is not None and again.get("holder") == info.get("holder"):
+                    with contextlib.suppress(OSError):
+                        self.fs.delete_file(path)
                 continue
             if not waited and on_wait is not None:
                 on_wait()

@@ -68,7 +68,13 @@ class MLflowTracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def finish(self, run_id: str, status: str = "FINISHED", cause: str | None = None):
-        """End a run: FINISHED, FAILED (with its cause as a tag) or KILLED."""
+        """End a run: FINISHED, FAILED (with its cause as a tag) or KILLED. A run that failed in an earlier
+        attempt and now finishes keeps that cause as `earlier_failure`, so `tags.failure` marks failed runs only."""
         if cause:
             self.set_tags(run_id, {"failure": cause[:5000]})
+        elif status == "FINISHED":
+            earlier = self.client.get_run(run_id).data.tags.get("failure")
+            if earlier is not None:
+                self.set_tags(run_id, {"earlier_failure": earlier})
+                self.client.delete_tag(run_id, "failure")
         self.client.set_terminated(run_id, status)
