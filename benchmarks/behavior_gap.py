@@ -6,7 +6,8 @@ One behaviour configuration (the `local` preset's, with the options below) train
 checkpoint it prints and records:
 - `gap`: the mean over 512 dataset states of ‖mean of 32 model samples − mean of 32 agent samples‖;
   `floor` is the same between two independent agent draws (the gap of a perfect model);
-- `w0`: the behaviour model's score (w = 0), 10 test episodes;
+- `w0`: the behaviour model's score (w = 0), 10 test episodes, with the `local` preset's sampler (rows without
+  a `sampler` field predate its move from 15 time-uniform to 15 log-SNR steps);
 - `target`: the score of QGPO's target policy μ·exp(β·Q̄) sampled exactly (`q_selection.py`'s resampling of
   16 behaviour samples at β), with a given critic, on the same episodes.
 
@@ -55,7 +56,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     task = get_task(args.task)
-    base = preset("local").base.behavior
+    base, sampler = preset("local").base.behavior, preset("local").base.sampler   # sampled as the study samples
     cfg = dataclasses.replace(base, steps=args.steps, log_every=args.every, ckpt_every=args.every,
                               widths=tuple(int(w) for w in args.widths.split(",")) if args.widths else base.widths,
                               lr=args.lr or base.lr, lr_schedule=args.lr_schedule or base.lr_schedule,
@@ -85,13 +86,14 @@ def main():
             return
         e0 = time.perf_counter()
         train_s = clock["base"] + e0 - clock["t0"] - clock["off"]
-        pol = GuidedPolicy(load_behavior(saved), "cep", seed=0)
+        pol = GuidedPolicy(load_behavior(saved), "cep", seed=0, solver=sampler)
         gap = (pol(states, w=0.0, n=m).mean(1) - ref).norm(dim=-1).mean().item()
         w0 = evaluate(pol, task, [0.0], args.episodes, seed=EVAL_SEED).normalized[0]
         tgt = evaluate(Resampling(pol, q, 16, 0), task, [args.beta], args.episodes, seed=EVAL_SEED).normalized[0]
         rows.append({"step": step, "train_seconds": train_s, "gap": gap, "floor": floor,
                      "w0": float(w0.mean()), "w0_se": float(w0.std() / len(w0) ** 0.5),
-                     "target": float(tgt.mean()), "target_se": float(tgt.std() / len(tgt) ** 0.5)})
+                     "target": float(tgt.mean()), "target_se": float(tgt.std() / len(tgt) ** 0.5),
+                     "sampler": to_dict(sampler)})
         res_path.write_text(json.dumps(rows))
         print(f"{name} step {step} | {train_s / 60:.1f} train-min | gap {gap:.3f} (floor {floor:.3f}) | "
               f"w=0 {w0.mean():.1f} | target β={args.beta:g} {tgt.mean():.1f}", flush=True)

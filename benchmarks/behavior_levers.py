@@ -1,5 +1,6 @@
 """Behaviour-model levers at equal compute: the w = 0 score each behaviour configuration reaches per minute
-of training, on one task and seed, without the rest of the pipeline.
+of training, on one task and seed, without the rest of the pipeline. Scores use the `local` preset's sampler
+(15 log-SNR steps since it moved off the reference grid; results before that used 15 time-uniform steps).
 
 Each variant is a partial BehaviorConfig (YAML mapping name → settings, merged over the `local` preset's
 behaviour config). The variant trains in one process on one thread; every `--eval-every` steps its
@@ -36,6 +37,7 @@ from cepdist.envs.generate import ensure_datasets
 
 log = logging.getLogger("cepdist")
 EVAL_SEED = 20_000          # test episodes' reset seeds: disjoint from the study's (10_000 + seed)
+SAMPLER = preset("local").base.sampler      # w = 0 as the study's policy samples it
 
 
 def run_variant(name: str, cfg: BehaviorConfig, task_name: str, seed: int, data, episodes: int, eval_every: int,
@@ -53,13 +55,14 @@ def run_variant(name: str, cfg: BehaviorConfig, task_name: str, seed: int, data,
         if saved is None or step in have:
             return
         train_s = clock["train"] + time.perf_counter() - clock["t0"]
-        policy = GuidedPolicy(load_behavior(saved), "cep", seed=seed)
+        policy = GuidedPolicy(load_behavior(saved), "cep", seed=seed, solver=SAMPLER)
         t0 = time.perf_counter()
         res = evaluate(policy, task, [0.0], episodes, seed=EVAL_SEED + seed)
         scores = res.normalized[0]
         entry = {"variant": name, "config": to_dict(cfg), "step": step, "train_seconds": train_s,
                  "score": float(np.mean(scores)), "score_se": float(np.std(scores) / np.sqrt(len(scores))),
-                 "scores": scores.tolist(), "loss": metrics.get("loss"), "eval_seconds": time.perf_counter() - t0}
+                 "scores": scores.tolist(), "loss": metrics.get("loss"), "eval_seconds": time.perf_counter() - t0,
+                 "sampler": to_dict(SAMPLER)}
         done.append(entry)
         res_path.write_text(json.dumps(done, indent=1))
         log.info("%s step %d: %.1f ± %.1f after %.1f min of training (loss %.3f)", name, step, entry["score"],
