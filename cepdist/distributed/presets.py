@@ -62,10 +62,6 @@ def preset(name: str) -> StudyConfig:
 
 
 EDIS_PRESETS = ("smoke", "local", "paper")
-# 15 steps uniform in log-SNR instead of the reference's uniform in t: at a per-state action spread of 0.15 the
-# reference grid returns 0.6 of it with an exact score, log-SNR 0.93; on hopper-medium-local a behaviour model's
-# w = 0 score rises from 43.4 ± 1.8 to 47.9 ± 3.0 at the same cost (50 episodes, README "Why guidance…")
-LOGSNR_15 = SolverConfig(steps=15, spacing="logSNR")
 
 
 def edis_preset(name: str):
