@@ -184,3 +184,19 @@ def test_logsnr_spacing_keeps_a_narrow_action_spread_that_the_reference_grid_shr
     local, paper = preset("local").base, preset("paper").base
     assert local.sampler.spacing == local.support.solver.spacing == "logSNR"
     assert paper.sampler.spacing == paper.support.solver.spacing == "time_uniform"     # the reference's
+
+
+def test_logsnr_training_times_are_uniform_in_lambda_and_bad_names_are_refused():
+    from scipy import stats
+    g = torch.Generator().manual_seed(0)
+    t = S.sample_t(20_000, generator=g, spacing="logSNR").double()
+    assert float(t.min()) >= S.t_eps and float(t.max()) <= S.t_max
+    lo, hi = S.lam(torch.tensor(S.t_max, dtype=torch.float64)), S.lam(torch.tensor(S.t_eps, dtype=torch.float64))
+    u = ((S.lam(t) - lo) / (hi - lo)).numpy()
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    # many draws at small t, where uniform-in-t draws are rare: P(t < 0.1) ≈ 0.36 against 0.1
+    assert 0.32 < float((t < 0.1).double().mean()) < 0.40
+    tu = S.sample_t(20_000, generator=g)
+    assert stats.kstest(((tu - S.t_eps) / (S.t_max - S.t_eps)).numpy(), "uniform").pvalue > 1e-3
+    with pytest.raises(ValueError, match="'uniform' or 'logSNR'"):
+        S.sample_t(4, spacing="lognormal")

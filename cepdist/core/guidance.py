@@ -43,15 +43,15 @@ def mse_loss(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def energy_loss(method: str, energy: EnergyNet, a0: torch.Tensor, s: torch.Tensor | None,
-                target, schedule: VPSchedule, generator=None) -> torch.Tensor:
+                target, schedule: VPSchedule, generator=None, t_sampling: str = "uniform") -> torch.Tensor:
     """Loss of fφ on groups of clean actions a0 [G, K, a_dim] with targets [G, K]: β·Q̄(s, a0) (cep, mse),
     or for aepo a function (a_t, t) → Êt(s, a_t) evaluated here on the noised actions (no gradient).
 
     One t per group, shared by its K actions (the CEP estimator needs it), independent noise per action;
     groups of one action (K = 1) give one t per sample, the reference's form of the regressions.
-    s: [G, s_dim] or None (unconditional toys)."""
+    s: [G, s_dim] or None (unconditional toys). t_sampling: VPSchedule.sample_t's spacing."""
     G = a0.shape[0]
-    t = schedule.sample_t(G, device=a0.device, generator=generator)
+    t = schedule.sample_t(G, device=a0.device, generator=generator, spacing=t_sampling)
     eps = torch.randn(a0.shape, device=a0.device, dtype=a0.dtype, generator=generator)
     at = schedule.noise(a0, t, eps)
     f = energy(at, t[:, None], None if s is None else s[:, None, :])

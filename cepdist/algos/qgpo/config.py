@@ -84,6 +84,7 @@ class EnergyConfig:
     batch_size: int = 256
     lr: float = 3e-4
     lr_schedule: str = "constant"    # or "cosine"
+    t_sampling: str = "uniform"      # training times: uniform in t (reference) | logSNR (uniform in λ)
     actions: str | None = None       # support | dataset | None (the method's)
     order: int = 1                   # aepo: Taylor order of the log-expectation (1 or 2)
     covariance: str = "jacobian"     # aepo: jacobian | isotropic | prior
@@ -145,6 +146,7 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     e = cfg.energy
     need(e.method in METHODS, "energy.method", f"one of {', '.join(METHODS)}")
     need(e.beta > 0, "energy.beta", "> 0")
+    need(e.t_sampling in ("uniform", "logSNR"), "energy.t_sampling", "'uniform' or 'logSNR'")
     need(e.actions in (None, "support", "dataset"), "energy.actions", "'support', 'dataset' (or unset: the method's)")
     need(not (e.method == "cep" and e.actions == "dataset"), "energy.actions",
          "'support' for cep (its contrastive labels compare K actions of one state)")

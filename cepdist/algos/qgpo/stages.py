@@ -353,7 +353,7 @@ def aepo_target(cfg: EnergyConfig, behavior: ScoreNet, q: TwinQ, s: torch.Tensor
 def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transitions, schedule: VPSchedule, *,
                  behavior: ScoreNet | None = None, seed: int = 0, ckpt_path: Path | None = None,
                  callback: Callback | None = None, parallel: Parallel = SINGLE) -> EnergyNet:
-    """fφ on the frozen Q̄ with t ~ U(1e-3, 1) of the behaviour's schedule: cep on the K support actions of
+    """fφ on the frozen Q̄ with t from cfg.t_sampling on [1e-3, 1] of the behaviour's schedule: cep on the K support actions of
     each state (one t per state, labels softmax β·Q̄), mse regressing β·Q̄(s, a0), aepo regressing AEPO's
     target Êt(s, a_t) (which needs the behaviour model); see EnergyConfig.actions for the clean actions."""
     if cfg.method not in ENERGY_METHODS:
@@ -392,7 +392,7 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
         target = cfg.beta * qs
         if aepo:
             target = aepo_target(cfg, behavior, q, s, max_var, (target.min(), target.max()), table)
-        lf = energy_loss(cfg.method, f_net, a0, s, target, schedule, gen)
+        lf = energy_loss(cfg.method, f_net, a0, s, target, schedule, gen, cfg.t_sampling)
         opt.zero_grad(set_to_none=True)
         lf.backward()
         opt.step()
