@@ -46,11 +46,11 @@ def preset(name: str) -> StudyConfig:
         # - Q 12k steps (Q̄ ≈ 60; the target above used it); β = 30 (at 3 the labels are nearly uniform);
         # - fφ 4k steps with t uniform in log-SNR: with t uniform in t it learned little at small t and w = 3
         #   collapsed hopper to 11.0 (50 episodes), with log-SNR times it scored 50.8 against 46.5 at w = 0.
-        # Test scores on 50 episodes per scale, w chosen on 20 others; evaluations inside the trial process.
+        # Test scores on 50 episodes per scale, w chosen on 20 others, after 2k and 4k fφ steps (inside the trial).
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
             seeds=(0, 1, 2), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0),
-            dataset_rows=500_000, eval_episodes=50, val_episodes=20, eval_every=0, eval_actors=0, trial_cpus=1,
+            dataset_rows=500_000, eval_episodes=50, val_episodes=20, eval_every=2000, eval_actors=0, trial_cpus=1,
             iql=IQLConfig(steps=100_000, reward=None, log_every=5000, ckpt_every=20_000),
             base=QGPOConfig(behavior=BehaviorConfig(widths=(128, 64, 32), steps=50_000, batch_size=1024, lr=1e-3,
                                                     lr_schedule="cosine", ema=0.999, log_every=2500,
