@@ -353,9 +353,10 @@ def aepo_target(cfg: EnergyConfig, behavior: ScoreNet, q: TwinQ, s: torch.Tensor
 def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transitions, schedule: VPSchedule, *,
                  behavior: ScoreNet | None = None, seed: int = 0, ckpt_path: Path | None = None,
                  callback: Callback | None = None, parallel: Parallel = SINGLE) -> EnergyNet:
-    """fφ on the frozen Q̄ with t from cfg.t_sampling on [1e-3, 1] of the behaviour's schedule: cep on the K support actions of
-    each state (one t per state, labels softmax β·Q̄), mse regressing β·Q̄(s, a0), aepo regressing AEPO's
-    target Êt(s, a_t) (which needs the behaviour model); see EnergyConfig.actions for the clean actions."""
+    """fφ on the frozen Q̄ with t on [1e-3, 1] of the behaviour's schedule drawn as cfg.t_sampling says: cep
+    on the K support actions of each state (one t per state, labels softmax β·Q̄), mse regressing β·Q̄(s, a0),
+    aepo regressing AEPO's target Êt(s, a_t) (which needs the behaviour model); see EnergyConfig.actions for
+    the clean actions."""
     if cfg.method not in ENERGY_METHODS:
         raise ValueError(f"energy.method {cfg.method!r} trains no energy model (it guides with β·Q̄ directly); "
                          f"the energy stage takes one of {', '.join(ENERGY_METHODS)}")
