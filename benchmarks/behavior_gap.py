@@ -14,6 +14,7 @@ checkpoint it prints and records:
     python benchmarks/behavior_gap.py --data-root DIR --q STORE/q-…/artifact.pt --steps 120000 \\
         [--widths 128,64,32 --batch-size 256 --lr 1e-3 --lr-schedule constant --beta 30 --out-dir DIR]
 Resumes from its checkpoint; writes benchmarks/results/behavior_gap-TASK-NAME.json.
+`--measure ARTIFACT…` trains nothing and measures the gap of existing behaviour models (e.g. a study's).
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def main():
     ap.add_argument("--episodes", type=int, default=10)
     ap.add_argument("--name", default=None, help="label of this configuration (default from its options)")
     ap.add_argument("--out-dir", default="runs/behavior_gap")
+    ap.add_argument("--measure", nargs="+", metavar="ARTIFACT",
+                    help="train nothing: print the gap (and per-dimension spread) of these behaviour artifacts, "
+                         "writing benchmarks/results/behavior_gap-measured-TASK.json (or --out)")
+    ap.add_argument("--out", help="JSON file of --measure")
     args = ap.parse_args()
     torch.set_num_threads(1)
     task = get_task(args.task)
@@ -62,8 +67,6 @@ def main():
                               lr=args.lr or base.lr, lr_schedule=args.lr_schedule or base.lr_schedule,
                               batch_size=args.batch_size or base.batch_size)
     name = args.name or f"w{'-'.join(map(str, cfg.widths))}-b{cfg.batch_size}-lr{cfg.lr:g}-{cfg.lr_schedule}-{cfg.steps}"
-    out_dir = Path(args.out_dir) / f"{task.name}-{name}"
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     data, _ = datasets.load(task.name, root=Path(args.data_root))
     agent = data_agent(task, args.policy_dir, seed=0)
@@ -76,6 +79,22 @@ def main():
         return torch.as_tensor(a, dtype=torch.float32).view(len(states), m, -1).mean(1)
     ref = agent_mean()
     floor = (ref - agent_mean()).norm(dim=-1).mean().item()
+
+    if args.measure:
+        rows = []
+        for path in args.measure:
+            samples = GuidedPolicy(load_behavior(path), "cep", seed=0, solver=sampler)(states, w=0.0, n=m)
+            rows.append({"behavior": path, "gap": (samples.mean(1) - ref).norm(dim=-1).mean().item(),
+                         "spread_per_dim": samples.std(1).mean(0).tolist()})
+            print(f"{path} | gap {rows[-1]['gap']:.3f} (floor {floor:.3f}) | spread "
+                  + " / ".join(f"{x:.3f}" for x in rows[-1]["spread_per_dim"]), flush=True)
+        out = Path(args.out or Path(__file__).parent / "results" / f"behavior_gap-measured-{task.name}.json")
+        out.write_text(json.dumps({"task": task.name, "floor": floor, "sampler": to_dict(sampler), "rows": rows},
+                                  indent=1))
+        print(f"wrote {out}")
+        return
+    out_dir = Path(args.out_dir) / f"{task.name}-{name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     res_path = out_dir / "rows.json"
     rows = json.loads(res_path.read_text()) if res_path.is_file() else []

@@ -41,8 +41,8 @@ def preset(name: str) -> StudyConfig:
         #   agent's (gap 0.127, floor 0.060) and overfits; on 500k it keeps closing (0.106 at 62.5k steps), and
         #   only then does the exact target μ·exp(30·Q̄) beat w = 0 (hopper, 100 episodes: 61.4 against 48.7);
         # - behaviour (128, 64, 32) with an EMA, batch 1024, lr 1e-3, 75k steps: two models of 50k steps with
-        #   a cosine to 0 reached a gap of only 0.120 / 0.123 and the target beat w = 0 by +3.0 ± 4.5 and
-        #   +0.9 ± 3.7; the 62.5k-step model of a slow cosine (lr ≥ 0.63e-3) 0.110 and +9.6 ± 5.0 (50 episodes);
+        #   a cosine to 0 reached a gap of only 0.121 / 0.123 and the target beat w = 0 by +3.0 ± 4.5 and
+        #   +0.9 ± 3.7; the 62.5k-step model of a slow cosine (lr ≥ 0.63e-3) 0.111 and +9.6 ± 5.0 (50 episodes);
         # - support and sampler 15 steps uniform in log-SNR (the reference's grid shrinks a state's spread to
         #   0.6 of it);
         # - Q 12k steps (Q̄ ≈ 60; the target above used it); β = 30 (at 3 the labels are nearly uniform);
