@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--behavior", required=True, help="a behaviour stage artifact")
     ap.add_argument("--q", required=True, help="a Q stage artifact")
-    ap.add_argument("--t-sampling", choices=("uniform", "logSNR"), default="logSNR")
+    ap.add_argument("--t-sampling", choices=("time_uniform", "logSNR"), default="logSNR")
     ap.add_argument("--states", type=int, default=50_000)
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--beta", type=float, default=30.0)

@@ -173,7 +173,7 @@ def test_logsnr_training_times_teach_fphi_a_narrow_distribution_that_uniform_tim
         return float((p.exp() * (p - torch.log_softmax(logits, -1))).sum(-1).mean())
 
     kl = {}
-    for spacing in ("uniform", "logSNR"):
+    for spacing in ("time_uniform", "logSNR"):
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         f = EnergyNet(1, 0, hidden=(64, 64))
@@ -188,4 +188,4 @@ def test_logsnr_training_times_teach_fphi_a_narrow_distribution_that_uniform_tim
     p = torch.log_softmax(beta * x0[..., 0], -1)
     flat = float((p.exp() * (p + math.log(8))).sum(-1).mean())       # KL of constant logits
     assert kl["logSNR"] < 0.5 * flat, (kl, flat)
-    assert kl["logSNR"] < 0.6 * kl["uniform"], (kl, flat)
+    assert kl["logSNR"] < 0.6 * kl["time_uniform"], (kl, flat)

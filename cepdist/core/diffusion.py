@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 
+SPACINGS = ("time_uniform", "logSNR")   # how times spread on [t_eps, t_max]: solver grids and training draws
+
+
 @dataclass(frozen=True)
 class VPSchedule:
     beta_min: float = 0.1
@@ -46,17 +49,17 @@ class VPSchedule:
         L = max(0.0, -2.0 * lam) + math.log1p(math.exp(-abs(2.0 * lam)))
         return 2.0 * L / (self.beta_min + math.sqrt(self.beta_min**2 + 2.0 * d * L))
 
-    def sample_t(self, n: int, device=None, generator=None, spacing: str = "uniform") -> torch.Tensor:
-        """Training times on [t_eps, t_max]: "uniform" in t (the reference's), or "logSNR": uniform in λ, the
+    def sample_t(self, n: int, device=None, generator=None, spacing: str = "time_uniform") -> torch.Tensor:
+        """Training times on [t_eps, t_max]: "time_uniform" (the reference's), or "logSNR": uniform in λ, the
         density of the log-SNR sampler's own grid, which puts most draws at the small t where a narrow action
         distribution is still resolved (fφ's labels are identifiable there and nearly flat at large t)."""
         u = torch.rand(n, device=device, generator=generator)
-        if spacing == "uniform":
+        if spacing == "time_uniform":
             return u * (self.t_max - self.t_eps) + self.t_eps
         if spacing == "logSNR":
             lo, hi = self.lam(self.t_max), self.lam(self.t_eps)
             return self.t_of_lam(lo + u * (hi - lo)).clamp(self.t_eps, self.t_max)
-        raise ValueError(f"t sampling must be 'uniform' or 'logSNR', got {spacing!r}")
+        raise ValueError(f"t spacing must be one of {SPACINGS}, got {spacing!r}")
 
     def noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = αt·x0 + σt·ε with t broadcast over the trailing dimensions of x0."""

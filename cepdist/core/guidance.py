@@ -43,7 +43,7 @@ def mse_loss(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def energy_loss(method: str, energy: EnergyNet, a0: torch.Tensor, s: torch.Tensor | None,
-                target, schedule: VPSchedule, generator=None, t_sampling: str = "uniform") -> torch.Tensor:
+                target, schedule: VPSchedule, generator=None, t_sampling: str = "time_uniform") -> torch.Tensor:
     """Loss of fφ on groups of clean actions a0 [G, K, a_dim] with targets [G, K]: β·Q̄(s, a0) (cep, mse),
     or for aepo a function (a_t, t) → Êt(s, a_t) evaluated here on the noised actions (no gradient).
 

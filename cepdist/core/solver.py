@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .diffusion import VPSchedule
+from .diffusion import SPACINGS, VPSchedule
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(48)
 _FRACTIONS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
@@ -72,7 +72,7 @@ def time_grid(schedule: VPSchedule, n: int, spacing: str, t_start: float, t_end:
     if spacing == "logSNR":
         lams = np.linspace(schedule.lam(t_start), schedule.lam(t_end), n + 1)
         return np.array([schedule.t_of_lam(float(l)) for l in lams])
-    raise ValueError(f"solver spacing must be 'time_uniform' or 'logSNR', got {spacing!r}")
+    raise ValueError(f"solver spacing must be one of {SPACINGS}, got {spacing!r}")
 
 
 def singlestep_orders(steps: int, order: int) -> list[int]:

@@ -84,7 +84,7 @@ class EnergyConfig:
     batch_size: int = 256
     lr: float = 3e-4
     lr_schedule: str = "constant"    # or "cosine"
-    t_sampling: str = "uniform"      # training times: uniform in t (reference) | logSNR (uniform in λ)
+    t_sampling: str = "time_uniform"  # fφ's training times: time_uniform (reference) | logSNR (uniform in λ)
     actions: str | None = None       # support | dataset | None (the method's)
     order: int = 1                   # aepo: Taylor order of the log-expectation (1 or 2)
     covariance: str = "jacobian"     # aepo: jacobian | isotropic | prior
@@ -108,6 +108,7 @@ class QGPOConfig:
 def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     """Every range violation of a QGPO config, each naming its dotted key and what is allowed."""
     from ...core.analytic import COVARIANCES, ORDERS
+    from ...core.diffusion import SPACINGS
     from ...core.guidance import METHODS
     errors = Errors(where)
     need = errors.need
@@ -116,7 +117,7 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
         need(s.steps >= 1, f"{key}.steps", "≥ 1")
         need(s.order in (1, 2, 3), f"{key}.order", "1, 2 or 3")
         need(s.method in ("singlestep", "multistep"), f"{key}.method", "'singlestep' or 'multistep'")
-        need(s.spacing in ("time_uniform", "logSNR"), f"{key}.spacing", "'time_uniform' or 'logSNR'")
+        need(s.spacing in SPACINGS, f"{key}.spacing", "'time_uniform' or 'logSNR'")
         need(s.grid in ("fine", "outer"), f"{key}.grid", "'fine' or 'outer'")
         need(s.update in ("dpmsolver", "taylor"), f"{key}.update", "'dpmsolver' or 'taylor'")
 
@@ -146,7 +147,7 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     e = cfg.energy
     need(e.method in METHODS, "energy.method", f"one of {', '.join(METHODS)}")
     need(e.beta > 0, "energy.beta", "> 0")
-    need(e.t_sampling in ("uniform", "logSNR"), "energy.t_sampling", "'uniform' or 'logSNR'")
+    need(e.t_sampling in SPACINGS, "energy.t_sampling", "'time_uniform' or 'logSNR'")
     need(e.actions in (None, "support", "dataset"), "energy.actions", "'support', 'dataset' (or unset: the method's)")
     need(not (e.method == "cep" and e.actions == "dataset"), "energy.actions",
          "'support' for cep (its contrastive labels compare K actions of one state)")
