@@ -123,3 +123,30 @@ def test_ctrl_c_in_the_behaviour_phase_never_starts_the_next_phase(tmp_path):
     assert p.returncode == 130, out
     assert "study interrupted by SIGINT in the behavior phase; run the same command again to resume" in out
     assert "[q phase]" not in out and "Traceback" not in out, out
+
+
+def test_a_study_started_beside_another_cepdist_copy_stops_before_any_stage(tmp_path):
+    """Ray puts the driver's working directory first on its workers' sys.path: a study started from a
+    directory that holds another cepdist/ (an old checkout) would run that copy's stage code under the
+    driver's keys. It stops at once with an error naming the copy; from a clean directory the check passes."""
+    study = tiny_study(tmp_path, "stale", seeds=(0,))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(to_dict(study)))
+    stale = tmp_path / "checkout"
+    (stale / "cepdist").mkdir(parents=True)
+    (stale / "cepdist" / "__init__.py").write_text('"""an old copy"""\n')
+    cmd = [sys.executable, str(ROOT / "sweeps" / "d4rl_all.py"), "--config", str(tmp_path / "study.yaml"),
+           "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=stale, capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": "local"},
+                       timeout=300)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("cepdist: error: Ray workers on node") and \
+        f"import cepdist from {stale / 'cepdist'}" in last and "working directory" in last, r.stdout + r.stderr
+    assert ArtifactStore(study.store).executions() == []
+    from cepdist.distributed.driver import check_worker_code
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=1, log_to_driver=False)
+    try:
+        check_worker_code(ray.nodes())              # this test's own directory holds no other copy
+    finally:
+        ray.shutdown()

@@ -132,6 +132,38 @@ def check_resources(study: StudyConfig, cluster: dict, nodes: list[dict]):
                          "train_worker_cpus or trial_cpus, or add nodes")
 
 
+def check_worker_code(nodes: list[dict]):
+    """Every node's Ray workers must run the driver's cepdist. Ray puts the driver's working directory first on
+    its workers' sys.path, so a study started beside another copy of the package (an old checkout, an unpacked
+    release) would train its stages with that copy's code under keys the driver computed with its own."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def probe():        # where cepdist is imported from, a digest of its sources; nested: it travels by value
+        import hashlib as hl
+        from pathlib import Path as P
+        try:
+            import cepdist as c
+        except ImportError as e:
+            return f"nowhere ({e})", ""
+        r, h = P(c.__file__).parent, hl.sha256()
+        for p in sorted(r.rglob("*.py")):
+            h.update(str(p.relative_to(r)).encode() + b"\0" + p.read_bytes())
+        return str(r), h.hexdigest()[:16]
+
+    mine = probe()
+    alive = [n for n in nodes if n.get("Alive")]
+    remote = ray.remote(num_cpus=0, max_retries=0)(probe)
+    refs = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in alive]
+    for node, (where, digest) in zip(alive, ray.get(refs)):
+        if digest != mine[1]:
+            raise ValueError(
+                f"Ray workers on node {node.get('NodeManagerAddress', node['NodeID'])} import cepdist from {where}, "
+                f"whose code differs from the driver's ({mine[0]}). Ray puts the driver's working directory "
+                f"({os.getcwd()}) first on its workers' sys.path: start the study from a directory without another "
+                "cepdist/ package, or install the same cepdist on every node")
+
+
 # ---------------------------------------------------------------- driver-side callbacks
 def _fmt(sec: float) -> str:
     sec = int(sec)
@@ -301,6 +333,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose,
                  logging_level=logging.INFO if verbose else logging.ERROR)
     check_resources(study, ray.cluster_resources(), ray.nodes())
+    check_worker_code(ray.nodes())
     if missing:                                      # datasets to generate need a writable data root
         root = Path(study.data_root) if study.data_root else d4rl_dir()
         try:
