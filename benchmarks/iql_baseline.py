@@ -6,7 +6,8 @@ batch 256, rewards scaled by 1000 / (max − min episode return)), trained on on
 dataset file (compute = this process's CPU time, which other processes do not inflate), evaluated
 deterministically on the study's test episodes (reset seeds of the study's
 evaluation of that seed: validation episodes first, then `--episodes` test episodes) whenever its training
-compute crosses one of `--at-minutes`. Writes benchmarks/results/iql-<task>.json.
+compute crosses one of `--at-minutes`. Writes benchmarks/results/iql-<task>.json after every evaluation; run
+again, it keeps the seeds already evaluated at every mark and redoes a partial one.
 
 d3rlpy pins gymnasium 1.0.0, which cepdist does not use, so it is not a dependency; install it beside
 cepdist in a separate environment:
@@ -14,7 +15,7 @@ cepdist in a separate environment:
     python -m venv .venv-iql && .venv-iql/bin/pip install -r requirements-cpu.txt -e . \\
         && .venv-iql/bin/pip install --no-deps d3rlpy==2.8.1 \\
         && .venv-iql/bin/pip install tqdm "gym>=0.26" click structlog colorama dataclasses-json scikit-learn
-    .venv-iql/bin/python benchmarks/iql_baseline.py --task hopper-medium-local --seeds 0 1 2 --data-root DIR
+    nice .venv-iql/bin/python benchmarks/iql_baseline.py --task hopper-medium-local --data-root DIR
     python benchmarks/iql_baseline.py --compare results/local/results.parquet   # the table against a study
 """
 from __future__ import annotations
@@ -51,9 +52,9 @@ def evaluate(iql, task, seed: int, n_val: int, episodes: int) -> list[float]:
 
 
 def compare(results: Path, study_table: Path) -> str:
-    """Markdown: IQL per compute mark (mean [95% CI] over seeds) beside the study's QGPO (w = 0 and the
-    validation-selected w, test episodes, last evaluation) and its compute per trial; IQL − QGPO paired per seed
-    at the mark closest to QGPO's compute."""
+    """Markdown: IQL at each compute mark (mean over seeds) beside the study's QGPO (w = 0 and the
+    validation-selected w, test episodes, last evaluation) and its training compute per trial; IQL − QGPO paired
+    per seed at the mark closest to QGPO's compute (the equal-compute comparison)."""
     import pandas as pd
     from cepdist.analysis.stats import bootstrap_ci, final, summary_table
     df = pd.read_parquet(study_table)
@@ -61,24 +62,27 @@ def compare(results: Path, study_table: Path) -> str:
     sm = summary_table(df, 1.0)
     f = final(df)
     cell = lambda x: f"{np.mean(x):.1f} [{bootstrap_ci(x)[0]:.1f}, {bootstrap_ci(x)[1]:.1f}]"
-    md = ["| task | QGPO compute (min) | QGPO w = 0 | QGPO, w chosen on validation | IQL at 2.5 / 5 / 10 / 15 min "
-          "(mean over seeds) | IQL at 15 min | IQL − QGPO (validation w), paired |", "|---|---|---|---|---|---|---|"]
+    md = ["| task | QGPO compute (min) | QGPO w = 0 | QGPO, w chosen on validation | IQL at each mark: min → score "
+          "(mean over seeds) | IQL at equal compute | IQL − QGPO (validation w), paired |",
+          "|---|---|---|---|---|---|---|"]
     for path in sorted(results.glob("iql-*.json")):
         r = json.loads(path.read_text())
-        ev = pd.DataFrame(r["evaluations"])
-        ev["mark"] = ev.groupby("seed").cumcount()
         g = f[f.task == r["task"]]
         if g.empty:
             continue
+        ev = pd.DataFrame(r["evaluations"])
+        ev["mark"] = ev.groupby("seed").cumcount()
         val = sm[(sm.task == r["task"]) & (sm.rule == "validation")].iloc[0]
         q_val = g[g.scale == val.w].set_index("seed")["score"].sort_index()
         q0 = g[g.scale == 0.0].set_index("seed")["score"].sort_index()
-        marks = [ev[ev.mark == m]["score"].mean() for m in sorted(ev.mark.unique())]
-        last = ev[ev.mark == ev.mark.max()].set_index("seed")["score"].sort_index()
-        d = (last - q_val).dropna().to_numpy()
-        md.append(f"| {r['task']} | {g.compute_seconds.mean() / 60:.1f} | {cell(q0.to_numpy())} | w = {val.w:g}: "
-                  f"{cell(q_val.to_numpy())} | {' / '.join(f'{m:.1f}' for m in marks)} | {cell(last.to_numpy())} | "
-                  f"{cell(d)} |")
+        qgpo_min = g.compute_seconds.mean() / 60
+        marks = ev.groupby("mark")[["minutes", "score"]].mean()
+        at = int((marks.minutes - qgpo_min).abs().idxmin())
+        equal = ev[ev.mark == at].set_index("seed")["score"].sort_index()
+        d = (equal - q_val).dropna().to_numpy()
+        md.append(f"| {r['task']} | {qgpo_min:.1f} | {cell(q0.to_numpy())} | w = {val.w:g}: {cell(q_val.to_numpy())} | "
+                  f"{', '.join(f'{m.minutes:.0f} → {m.score:.1f}' for m in marks.itertuples())} | "
+                  f"{marks.minutes[at]:.0f} min: {cell(equal.to_numpy())} | {cell(d)} |")
     return "\n".join(md)
 
 
@@ -91,10 +95,11 @@ def main():
     ap.add_argument("--task", default="hopper-medium-local")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-root")
-    ap.add_argument("--at-minutes", type=float, nargs="+", default=[2.5, 5.0, 10.0],
+    ap.add_argument("--at-minutes", type=float, nargs="+", default=[5.0, 10.0, 20.0, 30.0, 45.0, 60.0],
                     help="evaluate when the training compute reaches each of these")
-    ap.add_argument("--episodes", type=int, default=5, help="test episodes (the local preset's eval_episodes)")
-    ap.add_argument("--val-episodes", type=int, default=5, help="the study's validation episodes (skipped)")
+    ap.add_argument("--episodes", type=int, default=50, help="test episodes (the local preset's eval_episodes)")
+    ap.add_argument("--val-episodes", type=int, default=20,
+                    help="the study's validation episodes (skipped: their reset seeds come first)")
     ap.add_argument("--chunk", type=int, default=500, help="gradient steps between compute checks")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -103,11 +108,23 @@ def main():
     arr, task = datasets.load_arrays(a.task, root=Path(a.data_root) if a.data_root else None)
     dataset = d3rlpy.dataset.MDPDataset(arr["observations"].astype(np.float32), arr["actions"].astype(np.float32),
                                         arr["rewards"].astype(np.float32), arr["terminals"].astype(np.float32),
-                                        timeouts=arr["timeouts"].astype(np.float32))
+                                        # an episode that terminates at its last allowed step has both flags;
+                                        # d3rlpy refuses that, and termination is what bootstrapping needs
+                                        timeouts=(arr["timeouts"] & ~arr["terminals"]).astype(np.float32))
     dataset_score = datasets.dataset_score(arr, task)
     out = Path(a.out or Path(__file__).parent / "results" / f"iql-{a.task}.json")
+    setting = {"task": a.task, "library": f"d3rlpy {d3rlpy.__version__}", "dataset_score": dataset_score,
+               "episodes": a.episodes, "val_episodes": a.val_episodes, "at_minutes": sorted(a.at_minutes)}
     rows = []
+    if out.exists():                 # resume: seeds evaluated at every mark are kept, a partial one is redone
+        old = json.loads(out.read_text())
+        if all(old.get(k) == v for k, v in setting.items() if k != "library"):
+            done = {s for s in a.seeds if sum(r["seed"] == s for r in old["evaluations"]) == len(a.at_minutes)}
+            rows = [r for r in old["evaluations"] if r["seed"] in done]
+            print(f"{out}: seeds {sorted(done)} already evaluated at every mark")
     for seed in a.seeds:
+        if any(r["seed"] == seed for r in rows):
+            continue
         d3rlpy.seed(seed)
         iql = d3rlpy.algos.IQLConfig(
             batch_size=256, gamma=0.99, actor_learning_rate=3e-4, critic_learning_rate=3e-4, tau=0.005,
@@ -129,9 +146,8 @@ def main():
             print(f"{a.task} seed {seed}: IQL {np.mean(scores):.1f} after {steps} steps "
                   f"({compute / 60:.1f} min of training)", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"task": a.task, "library": f"d3rlpy {d3rlpy.__version__}",
-                                       "dataset_score": dataset_score, "episodes": a.episodes,
-                                       "evaluations": rows}, indent=1))
+            out.write_text(json.dumps({**setting, "evaluations": sorted(rows, key=lambda r: (r["seed"], r["steps"]))},
+                                      indent=1))
     print(f"wrote {out}")
 
 
