@@ -159,7 +159,9 @@ def _run_study(study, args) -> int:
         if ray.is_initialized():              # a clean shutdown: no worker stack traces on the way out
             ray.shutdown()
     ex = ", ".join(f"{k} {v}" for k, v in summary["executions"].items()) or "nothing (all stored)"
-    print(f"study {summary['study']}: {summary['trials']} trials done in {summary['seconds']:.0f} s; computed: {ex}")
+    n = len(summary["invocations"])
+    print(f"study {summary['study']}: {summary['trials']} trials done in {summary['seconds']:.0f} s"
+          + (f" ({summary['wall_seconds']:.0f} s over {n} invocations)" if n > 1 else "") + f"; computed: {ex}")
     print(f"results table: {summary['results_table']} ({summary['rows']} rows); summary: "
           f"{Path(summary['results_table']).parent / 'study.json'}")
     print(f"report: cepdist report --study {summary['study']}")

@@ -45,6 +45,10 @@ def test_interrupted_study_resumes_without_recomputing(tmp_path):
     summary = run_study(study, tmp_path / "out2")
     ray.shutdown()
     check_complete(study, summary)
+    # the study's wall time adds the killed invocation's (last rewritten within 10 s) to this one's
+    killed, resumed = summary["invocations"]
+    assert killed["outcome"] == "running" and resumed["outcome"] == "finished", summary["invocations"]
+    assert summary["wall_seconds"] == killed["seconds"] + resumed["seconds"] >= summary["seconds"]
     again = summary["executions"]
     # behaviour models (one per seed) and finished trials are not recomputed
     assert again.get("behavior", 0) == 2 - sum(e.get("stage") == "behavior" for e in first)
@@ -123,6 +127,11 @@ def test_ctrl_c_in_the_behaviour_phase_never_starts_the_next_phase(tmp_path):
     assert p.returncode == 130, out
     assert "study interrupted by SIGINT in the behavior phase; run the same command again to resume" in out
     assert "[q phase]" not in out and "Traceback" not in out, out
+    # the invocation is on record as interrupted, with its wall time
+    from cepdist.distributed.driver import study_ident
+    from cepdist.distributed.study import trials
+    (inv,) = ArtifactStore(study.store).invocations(study_ident(study.name, trials(study)))
+    assert inv["outcome"] == "interrupted" and inv["seconds"] > 2, inv
 
 
 def test_a_study_started_beside_another_cepdist_copy_stops_before_any_stage(tmp_path):

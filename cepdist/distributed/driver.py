@@ -9,12 +9,14 @@ cluster. Output: one line per stage event and a progress line per phase; Ray's a
 with `verbose`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -349,9 +351,13 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     store = ArtifactStore(study.store)
     run_id = uuid.uuid4().hex                        # tags this invocation's stage executions
     tracker = MLflowTracker(study.mlflow_uri, study.name)
-    log.info("study %s: %d trials | store %s | MLflow %s", study.name, len(all_trials), study.store, study.mlflow_uri)
+    ident = study_ident(study.name, all_trials)
+    earlier = wall_time(store, ident)
+    log.info("study %s: %d trials | store %s | MLflow %s%s", study.name, len(all_trials), study.store,
+             study.mlflow_uri, f" | {len(earlier['invocations'])} earlier invocation(s), {_fmt(earlier['wall_seconds'])}"
+             if earlier["invocations"] else "")
     t0 = time.perf_counter()
-    with Interrupts() as interrupts:
+    with invocation(store, ident, run_id), Interrupts() as interrupts:
         run_phases(study, all_trials, store, tracker, run_id, interrupts, verbose, kind.phases)
     reconcile_runs(study, all_trials, store, tracker, kind.metrics)
     df = kind.write_table(store, study.name, all_trials, out / "results.parquet")
@@ -360,9 +366,52 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
                "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
                "executions": {s: n for s in kind.stages
                               if (n := sum(e["stage"] == s for e in mine))},
-               "seconds": time.perf_counter() - t0, "stage_seconds": stage_seconds(store, all_trials)}
+               "seconds": time.perf_counter() - t0, **wall_time(store, ident),
+               "stage_seconds": stage_seconds(store, all_trials)}
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+@contextlib.contextmanager
+def invocation(store: ArtifactStore, ident: str, run_id: str, every: float = 10.0):
+    """Record this invocation of the study `ident` in the store: started, seconds so far (rewritten every
+    `every` s, so a killed driver's time is known within that) and outcome."""
+    started, stop = time.time(), threading.Event()
+
+    def record(outcome):
+        store.record_invocation(ident, run_id, {"run": run_id, "started": started, "seconds": time.time() - started,
+                                                "outcome": outcome})
+
+    def beat():
+        while not stop.wait(every):
+            record("running")            # stays so only if the driver was killed
+    record("running")
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    outcome = "failed"
+    try:
+        yield
+        outcome = "finished"
+    except StudyInterrupted:
+        outcome = "interrupted"
+        raise
+    finally:
+        stop.set()
+        t.join()
+        record(outcome)
+
+
+def study_ident(name: str, ts: list[Trial]) -> str:
+    """A study's name and a digest of its trials' keys: invocations of this exact study, not of an earlier
+    configuration under the same name."""
+    return f"{name}-" + hashlib.sha256(json.dumps(sorted(t.keys["evaluation"] for t in ts)).encode()).hexdigest()[:12]
+
+
+def wall_time(store: ArtifactStore, ident: str) -> dict:
+    """The study's wall time summed over its invocations (this one included), and their outcomes."""
+    inv = store.invocations(ident)
+    return {"wall_seconds": sum(r["seconds"] for r in inv),
+            "invocations": [{k: r[k] for k in ("started", "seconds", "outcome")} for r in inv]}
 
 
 def run_phases(study: StudyConfig, all_trials: list[Trial], store: ArtifactStore, tracker: MLflowTracker,

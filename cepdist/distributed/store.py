@@ -207,7 +207,19 @@ class ArtifactStore:
         self.put_json("executions", {"key": key, **(info or {})}, name=f"{key}.{uuid.uuid4().hex}.json")
 
     def executions(self) -> list[dict]:
-        sel = pafs.FileSelector(self._path("executions"), allow_not_found=True)
+        return self.records("executions")
+
+    def record_invocation(self, study: str, run_id: str, info: dict):
+        """One file per invocation of a study (written at its start, rewritten at its end): a study's wall time
+        is the sum over the invocations that ran it, across interruptions and resumes."""
+        self.put_json(f"invocations/{study}", info, name=f"{run_id}.json")
+
+    def invocations(self, study: str) -> list[dict]:
+        return sorted(self.records(f"invocations/{study}"), key=lambda r: r.get("started", 0))
+
+    def records(self, folder: str) -> list[dict]:
+        """The JSON files of a folder of the store (none when it does not exist)."""
+        sel = pafs.FileSelector(self._path(folder), allow_not_found=True)
         out = []
         for fi in self.fs.get_file_info(sel):
             if fi.type == pafs.FileType.File and fi.base_name.endswith(".json") and not fi.base_name.startswith("."):
