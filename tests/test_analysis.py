@@ -111,7 +111,9 @@ def test_every_scale_against_the_behaviour_model():
 
 
 @pytest.mark.slow
-def test_report_end_to_end_from_a_platform_study(tmp_path):
+def test_report_end_to_end_from_a_platform_study(tmp_path, caplog):
+    import logging
+    import re
     import ray
     from cepdist.distributed.driver import run_study
     from cepdist.distributed.tracking import MLflowTracker
@@ -120,8 +122,14 @@ def test_report_end_to_end_from_a_platform_study(tmp_path):
         ray.shutdown()
     ray.init(address="local", num_cpus=2, log_to_driver=False)
     study = tiny_study(tmp_path, "report-e2e", seeds=(0, 1))
-    summary = run_study(study, tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="cepdist"):
+        summary = run_study(study, tmp_path / "out")
     ray.shutdown()
+    # one progress line per finished unit: count, share of the phase done, its rate, the ETA
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"\[behavior phase\] 1/2 done \(\d+%, [\d.]+%/min\) \| running: .+ \| ETA .+ \| .+ elapsed", l)
+               for l in lines), lines
+    assert any(l.startswith("[policy phase] 2/2 done (100%") and "running: – | ETA 0m00s" in l for l in lines), lines
     res = pd.read_parquet(summary["results_table"])
     # the tidy table: one row per trial × scale × evaluation step × episode set; the scale a column
     assert len(res) == 2 * len(study.scales) * 2 * 2 and set(res.scale) == set(study.scales)

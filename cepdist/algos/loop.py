@@ -91,6 +91,7 @@ class Loop:
         rate = (self.step - self.step_last) / max(now - self.t_last, 1e-9)
         eta = (self.total - self.step) / max(rate, 1e-9)
         metrics[f"{self.stage}/steps_per_s"] = rate
+        metrics[f"{self.stage}/total_steps"] = self.total
         log.info("%s %d/%d (%.0f%%) %s | %.1f it/s, ETA %s", self.stage, self.step, self.total,
                  100.0 * self.step / self.total, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                            if "/" not in k), rate, _fmt(eta))

@@ -201,7 +201,9 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             t, ev = trial_of(trial), result.get("event")
             stage = result.get("stage", "?")
             if ev == "start":
-                self.running[trial.trial_id] = stage
+                self.running[trial.trial_id] = (stage, None)
+            elif ev == "progress":
+                self.running[trial.trial_id] = (stage, result["fraction"])
             elif ev == "waiting":
                 log.info("%-10s wait  %s: another study is computing it", stage, t.label)
             elif ev == "done":
@@ -231,7 +233,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
 
         def on_trial_error(self, iteration, trials, trial, **info):
             cause = _first_line(trial.error_file)
-            fatal.append((self.running.pop(trial.trial_id, phase), trial_of(trial).label, cause))
+            fatal.append((self.running.pop(trial.trial_id, (phase, None))[0], trial_of(trial).label, cause))
             tracker.finish(self._run(trial_of(trial)), "FAILED", cause)
 
         def on_experiment_end(self, trials, **info):
@@ -250,14 +252,16 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
                 return
             self.last = now
             total, elapsed = len(units), now - self.t0
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            eta = _fmt((total - self.done) / rate) if rate > 0 else "?"
+            # units done plus the running stages' fractions (a unit of several stages counts its current one's)
+            frac = (self.done + sum(f or 0.0 for _, f in self.running.values())) / total
+            eta = _fmt(elapsed * (1 - frac) / frac) if frac > 0 else "?"
             stages = {}
-            for s in self.running.values():
-                stages[s] = stages.get(s, 0) + 1
-            running = ", ".join(f"{s} ×{n}" for s, n in stages.items()) or "–"
-            log.info("[%s phase] %d/%d done | running: %s | %.2f/min, ETA %s | %s elapsed", phase, self.done, total,
-                     running, 60 * rate, eta, _fmt(elapsed))
+            for s, f in self.running.values():
+                stages.setdefault(s, []).append("" if f is None else f"{100 * f:.0f}%")
+            running = ", ".join(f"{s} ×{len(fs)}" + (f" ({' '.join(x for x in fs if x)})" if any(fs) else "")
+                                for s, fs in stages.items()) or "–"
+            log.info("[%s phase] %d/%d done (%.0f%%, %.1f%%/min) | running: %s | ETA %s | %s elapsed", phase,
+                     self.done, total, 100 * frac, 6000 * frac / max(elapsed, 1e-9), running, eta, _fmt(elapsed))
 
     class StopOnFatal(Stopper):
         """Tune stopper: a failure a retry cannot fix stops the whole phase at once."""

@@ -109,7 +109,12 @@ def _compute(ctx: Context, stage: str, key: str, fn: StageFn, data_parallel: boo
         if study.train_workers == 0:
             torch.set_num_threads(max(1, int(study.trial_cpus)))
         path = wd / f"{stage}.pt"
-        fn(SINGLE, path, None, ctx.device)
+
+        def progress(name, step, metrics, saved):       # the driver's progress line shows each running stage's
+            total = metrics.get(f"{name}/total_steps")
+            if total:
+                ctx.event(event="progress", fraction=step / total)
+        fn(SINGLE, path, progress, ctx.device)
     ctx.store.put_file(key, path)
     seconds = time.perf_counter() - t0
     ctx.store.record_execution(key, {"stage": stage, "run": ctx.run_id, "trial": ctx.trial.label, "seconds": seconds,
