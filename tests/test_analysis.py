@@ -170,6 +170,12 @@ def test_report_end_to_end_from_a_platform_study(tmp_path, caplog):
     diag = pd.read_csv(out / "critic.csv")
     assert sorted(diag.step.unique()) == sorted(res.step.unique())
     assert np.isfinite(diag[["q_mean", "q_std", "energy_loss", "q_loss", "target_mean"]].to_numpy()).all()
+    # ... summarised per task in the index (mean over seeds at the last evaluation, beside log K), with the
+    # study's wall time from its study.json
+    index = (out / "index.md").read_text()
+    final_q = diag[diag.step == diag.step.max()].q_mean.mean()
+    assert f"| hopper-random-local | 3 | 4 | 2 | {final_q:.3g} |" in index and "(1.386) | yes |" in index, index
+    assert f"Wall time {summary['wall_seconds'] / 3600:.2f} h over 1 invocation(s) (finished" in index, index
     bad = subprocess.run([sys.executable, "-m", "cepdist", "report", "--study", "nope"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no results table at results/nope/results.parquet" in bad.stderr

@@ -43,6 +43,9 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
     st.to_csv(out / "scales.csv", index=False)
     diag = stats.diagnostics(df)
     diag.to_csv(out / "critic.csv", index=False)
+    ht = stats.health_table(diag)
+    health_md = ["## Q and the energy model", "", stats.render_health_table(ht), ""] if len(ht) else []
+    compute_md = compute_section(Path(results).parent / "study.json")
     base_md = ""
     if len(baselines):
         bt = stats.baseline_table(df_all, seed=seed)
@@ -54,7 +57,7 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
     lines = [f"# Study `{study}`", "", f"Results table: `{results}`; {n_trials} trials, "
              f"{df.task.nunique()} task(s), {df.seed.nunique()} seed(s), scales {', '.join(f'{s:g}' for s in scales)}.",
              "", "## Results table", "", md, "", "## Every guidance scale against the behaviour model (w = 0)", "",
-             stats.render_scale_table(st), "", base_md,
+             stats.render_scale_table(st), "", *health_md, *compute_md, base_md,
              "Files: [table.md](table.md), [table.tex](table.tex), [table.csv](table.csv), [scales.csv](scales.csv), "
              "[summary.csv](summary.csv) (behaviour / fixed / validation rules per task), [domains.csv](domains.csv), [critic.csv](critic.csv) (losses and Q statistics per evaluation); the tidy results table is "
              f"`{results}`.", "", "## Figures", ""]
@@ -63,6 +66,28 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
             lines += [f"### {f.stem.replace('_', ' ')}", "", f"![{f.stem}]({f.name}) ([PDF]({f.stem}.pdf))", ""]
     (out / "index.md").write_text("\n".join(lines))
     return out / "index.md"
+
+
+def compute_section(study_json: Path) -> list[str]:
+    """The study's wall time over its invocations and its compute per stage, from the study.json the driver
+    writes beside the results table (absent: nothing)."""
+    import json
+    if not study_json.is_file():
+        return []
+    s = json.loads(study_json.read_text())
+    lines = ["## Compute", ""]
+    if "wall_seconds" in s:
+        inv = s["invocations"]
+        outcomes = ", ".join(f"{r['outcome']} {r['seconds'] / 60:.0f} min" for r in inv)
+        lines += [f"Wall time {s['wall_seconds'] / 3600:.2f} h over {len(inv)} invocation(s) ({outcomes}); "
+                  "'running' marks an invocation whose driver was killed (its time known to within 10 s).", ""]
+    if s.get("stage_seconds"):
+        lines += ["| stage | executions | mean minutes | total core-minutes |", "|---|---|---|---|"]
+        lines += [f"| {st} | {v['n']} | {v['mean'] / 60:.1f} | {v['total'] / 60:.0f} |"
+                  for st, v in s["stage_seconds"].items()]
+        lines += ["", "(Stage seconds are wall-clock inside each trial, which holds its CPU share; a stage resumed "
+                  "from a checkpoint counts its resumed part only.)", ""]
+    return lines
 
 
 def pd_concat(frames):

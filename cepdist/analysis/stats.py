@@ -71,6 +71,36 @@ def diagnostics(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop_duplicates(KEYS[:6] + ["step"])[KEYS[:6] + ["step"] + cols].reset_index(drop=True)
 
 
+def health_table(diag: pd.DataFrame) -> pd.DataFrame:
+    """Per task and setting, at the last evaluation (mean over seeds): Q̄ over the support actions, Q's target
+    mean and loss, the energy loss beside log K (what an fφ that learned nothing scores), and whether every
+    logged statistic of every seed and step is finite."""
+    cols = [c for c in DIAGNOSTICS if c in diag.columns]
+    if diag.empty or not cols:
+        return pd.DataFrame()
+    setting = [k for k in KEYS[:6] if k != "seed"]
+    last = diag[diag.step == diag.groupby(KEYS[:6]).step.transform("max")]
+    out = last.groupby(setting, as_index=False)[cols].mean()
+    finite = diag.groupby(setting)[cols].apply(lambda g: bool(np.isfinite(g.to_numpy(dtype=float)).all()))
+    out["all_finite"] = [bool(finite.loc[tuple(r)]) for r in out[setting].itertuples(index=False)]
+    out["n_seeds"] = last.groupby(setting).seed.nunique().to_numpy()
+    out["log_K"] = np.log(out.K.astype(float))
+    return out
+
+
+def render_health_table(ht: pd.DataFrame) -> str:
+    md = ["Q and fφ at the last evaluation, mean over seeds: Q̄ over the support actions of fφ's training batches "
+          "(mean and sd), Q's target mean and TD loss, fφ's contrastive loss (at log K it learned nothing); "
+          "'finite': every statistic of every seed and evaluation.", "",
+          "| task | β | K | n | Q̄ mean | Q̄ sd | target mean | Q loss | energy loss (log K) | finite |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    g = lambda r, c: f"{getattr(r, c):.3g}" if c in ht.columns and pd.notna(getattr(r, c)) else "–"
+    for r in ht.itertuples():
+        md.append(f"| {r.task} | {r.beta:g} | {r.K} | {r.n_seeds} | {g(r, 'q_mean')} | {g(r, 'q_std')} | {g(r, 'target_mean')} | "
+                  f"{g(r, 'q_loss')} | {g(r, 'energy_loss')} ({r.log_K:.3f}) | {'yes' if r.all_finite else 'NO'} |")
+    return "\n".join(md)
+
+
 def final(df: pd.DataFrame, episode_set: str = "test") -> pd.DataFrame:
     """The last evaluation of every trial on one episode set: `test` (reported) or `validation` (for
     selecting hyperparameters). A frame without the column is all test episodes."""

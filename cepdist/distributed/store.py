@@ -161,8 +161,7 @@ class ArtifactStore:
         is taken over."""
         self.fs.create_dir(self._path(key), recursive=True)
         path = self._path(key, "lease.json")
-        me = {"holder": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "host": socket.gethostname(),
-              "pid": os.getpid(), "ray_node": _ray_node_id()}
+        me = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "ray_node": _ray_node_id()}
 
         def payload():
             return json.dumps({**me, "refreshed": time.time()}).encode()
