@@ -81,8 +81,8 @@ def compare(results: Path, study_table: Path) -> str:
         equal = ev[ev.mark == at].set_index("seed")["score"].sort_index()
         d = (equal - q_val).dropna().to_numpy()
         md.append(f"| {r['task']} | {qgpo_min:.1f} | {cell(q0.to_numpy())} | w = {val.w:g}: {cell(q_val.to_numpy())} | "
-                  f"{', '.join(f'{m.minutes:.0f} → {m.score:.1f}' for m in marks.itertuples())} | "
-                  f"{marks.minutes[at]:.0f} min: {cell(equal.to_numpy())} | {cell(d)} |")
+                  f"{', '.join(f'{m.minutes:.1f} → {m.score:.1f}' for m in marks.itertuples())} | "
+                  f"{marks.minutes[at]:.1f} min: {cell(equal.to_numpy())} | {cell(d)} |")
     return "\n".join(md)
 
 
