@@ -172,6 +172,14 @@ def _fmt(sec: float) -> str:
     return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
 
 
+def _shares(units: list[dict]) -> str:
+    """' (40% 45%, 3.1%/min)': the share of their stage the running units have done, and their mean pace."""
+    done = [f"{100 * u['f']:.0f}%" for u in units if u["f"] is not None]
+    rates = [u["rate"] for u in units if u["rate"]]
+    pace = f", {6000 * sum(rates) / len(rates):.1f}%/min" if rates else ""
+    return f" ({' '.join(done)}{pace})" if done else ""
+
+
 def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, tracker: MLflowTracker):
     """Progress lines, fatal-failure capture and one MLflow run per trial: every evaluation in the policy
     phase; a trial that fails for good in any phase (e.g. a diverged behaviour model) is recorded FAILED with
@@ -201,9 +209,13 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             t, ev = trial_of(trial), result.get("event")
             stage = result.get("stage", "?")
             if ev == "start":
-                self.running[trial.trial_id] = (stage, None)
+                self.running[trial.trial_id] = {"stage": stage, "f": None, "t": None, "rate": None}
             elif ev == "progress":
-                self.running[trial.trial_id] = (stage, result["fraction"])
+                u, now = self.running.setdefault(trial.trial_id, {"stage": stage, "f": None, "t": None, "rate": None}), \
+                    time.time()
+                if u["stage"] == stage and u["f"] is not None and now > u["t"]:
+                    u["rate"] = (result["fraction"] - u["f"]) / (now - u["t"])       # share of the stage per second
+                u.update(stage=stage, f=result["fraction"], t=now)
             elif ev == "waiting":
                 log.info("%-10s wait  %s: another study is computing it", stage, t.label)
             elif ev == "done":
@@ -233,7 +245,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
 
         def on_trial_error(self, iteration, trials, trial, **info):
             cause = _first_line(trial.error_file)
-            fatal.append((self.running.pop(trial.trial_id, (phase, None))[0], trial_of(trial).label, cause))
+            fatal.append((self.running.pop(trial.trial_id, {"stage": phase})["stage"], trial_of(trial).label, cause))
             tracker.finish(self._run(trial_of(trial)), "FAILED", cause)
 
         def on_experiment_end(self, trials, **info):
@@ -252,16 +264,21 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
                 return
             self.last = now
             total, elapsed = len(units), now - self.t0
-            # units done plus the running stages' fractions (a unit of several stages counts its current one's)
-            frac = (self.done + sum(f or 0.0 for _, f in self.running.values())) / total
-            eta = _fmt(elapsed * (1 - frac) / frac) if frac > 0 else "?"
+            run = list(self.running.values())
+            rates = [u["rate"] for u in run if u["rate"]]
+            if rates:      # the running stages' own pace: what is left of them, then the units not started
+                unit = sum(1 / r for r in rates) / len(rates)
+                left = sum((1 - u["f"]) / u["rate"] if u["rate"] else unit for u in run) \
+                    + (total - self.done - len(run)) * unit
+                eta = _fmt(left / max(1, len(run)))
+            else:
+                eta = _fmt((total - self.done) * elapsed / self.done) if self.done else "?"
             stages = {}
-            for s, f in self.running.values():
-                stages.setdefault(s, []).append("" if f is None else f"{100 * f:.0f}%")
-            running = ", ".join(f"{s} ×{len(fs)}" + (f" ({' '.join(x for x in fs if x)})" if any(fs) else "")
-                                for s, fs in stages.items()) or "–"
-            log.info("[%s phase] %d/%d done (%.0f%%, %.1f%%/min) | running: %s | ETA %s | %s elapsed", phase,
-                     self.done, total, 100 * frac, 6000 * frac / max(elapsed, 1e-9), running, eta, _fmt(elapsed))
+            for u in run:
+                stages.setdefault(u["stage"], []).append(u)
+            running = ", ".join(f"{s} ×{len(us)}{_shares(us)}" for s, us in stages.items()) or "–"
+            log.info("[%s phase] %d/%d done | running: %s | ETA %s | %s elapsed", phase, self.done, total, running,
+                     eta, _fmt(elapsed))
 
     class StopOnFatal(Stopper):
         """Tune stopper: a failure a retry cannot fix stops the whole phase at once."""
