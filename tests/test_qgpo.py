@@ -89,6 +89,15 @@ def test_same_seed_same_numbers_and_resume_after_interruption(tmp_path):
                              callback=lambda st, step, m, ck: steps_seen.append(step))
     assert steps_seen[0] == 50                     # continued, not restarted
     assert torch.equal(torch.cat([p.flatten() for p in resumed.parameters()]), pa)
+    # the compute of the finished stage counts its interrupted run: the CPU seconds carried in the checkpoint
+    with pytest.raises(Stop):
+        train_behavior(cfg, data.obs, data.actions, seed=3, ckpt_path=tmp_path / "b2.pt", callback=interrupt)
+    first = torch.load(tmp_path / "b2.pt", weights_only=True)["cpu_seconds"]
+    seen = {}
+    train_behavior(cfg, data.obs, data.actions, seed=3, ckpt_path=tmp_path / "b2.pt",
+                   callback=lambda st, step, m, ck: seen.update(m))
+    final = torch.load(tmp_path / "b2.pt", weights_only=True)["cpu_seconds"]
+    assert 0 < first < final and abs(seen["behavior/cpu_seconds"] - final) < 0.5
 
 
 def test_ema_samples_with_the_average_and_resumes_with_the_cosine_schedule(tmp_path):

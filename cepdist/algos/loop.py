@@ -51,6 +51,14 @@ class Loop:
         # a resumed run's last good checkpoint is the one it resumed from
         self.last_good_step: int | None = start if start > 0 else None
         self.first: dict[str, float] = {}            # each loss at this run's first step (one host sync)
+        # the stage's compute is this process's CPU time, carried in the checkpoints across interruptions
+        self.cpu0, self.cpu_before = time.process_time(), 0.0
+        if start > 0 and ckpt_path is not None and Path(ckpt_path).is_file():
+            self.cpu_before = float(checkpoint.load(ckpt_path).get("cpu_seconds", 0.0))
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the process running this loop, over every run that led to the current step."""
+        return self.cpu_before + time.process_time() - self.cpu0
 
     def record(self, i: int, value: torch.Tensor):
         if "loss" in self.names[i] and self.names[i] not in self.first:
@@ -92,6 +100,7 @@ class Loop:
         eta = (self.total - self.step) / max(rate, 1e-9)
         metrics[f"{self.stage}/steps_per_s"] = rate
         metrics[f"{self.stage}/total_steps"] = self.total
+        metrics[f"{self.stage}/cpu_seconds"] = self.cpu_seconds()
         log.info("%s %d/%d (%.0f%%) %s | %.1f it/s, ETA %s", self.stage, self.step, self.total,
                  100.0 * self.step / self.total, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                            if "/" not in k), rate, _fmt(eta))
@@ -99,7 +108,7 @@ class Loop:
         return metrics
 
     def save(self):
-        checkpoint.save(self.ckpt_path, **self.snapshot(self.step))
+        checkpoint.save(self.ckpt_path, **self.snapshot(self.step), cpu_seconds=self.cpu_seconds())
         self.last_good_step = self.step
 
 

@@ -82,11 +82,14 @@ def compute_section(study_json: Path) -> list[str]:
         lines += [f"Wall time {s['wall_seconds'] / 3600:.2f} h over {len(inv)} invocation(s) ({outcomes}); "
                   "'running' marks an invocation whose driver was killed (its time known to within 10 s).", ""]
     if s.get("stage_seconds"):
-        lines += ["| stage | executions | mean minutes | total core-minutes |", "|---|---|---|---|"]
-        lines += [f"| {st} | {v['n']} | {v['mean'] / 60:.1f} | {v['total'] / 60:.0f} |"
+        cpu = lambda v: f"{v['cpu_total'] / 60:.0f}" if "cpu_total" in v else "–"
+        lines += ["| stage | executions | mean wall minutes | total wall minutes | total CPU minutes |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {st} | {v['n']} | {v['mean'] / 60:.1f} | {v['total'] / 60:.0f} | {cpu(v)} |"
                   for st, v in s["stage_seconds"].items()]
-        lines += ["", "(Stage seconds are wall-clock inside each trial, which holds its CPU share; a stage resumed "
-                  "from a checkpoint counts its resumed part only.)", ""]
+        lines += ["", "(Wall minutes inside each trial, which holds its share of the CPUs, for the run that finished "
+                  "each stage; CPU minutes of the trial's process, including a training loop's interrupted runs.)",
+                  ""]
     return lines
 
 

@@ -476,11 +476,18 @@ def check_complete(store: ArtifactStore, phase: str, keys: list[str], done_file:
 
 
 def stage_seconds(store: ArtifactStore, ts: list[Trial]) -> dict[str, dict[str, float]]:
-    """Per stage, over this study's artifacts (whichever invocation computed them): count, mean and total
-    seconds of compute (a stage resumed from a checkpoint counts the resumed part only)."""
+    """Per stage, over this study's artifacts (whichever invocation computed them): count, mean and total wall
+    seconds of the run that finished each (not its earlier, interrupted runs), and where every execution has
+    it, the total CPU seconds (`cpu_total`; a training loop's carries its interrupted runs too)."""
     mine = {k for t in ts for k in t.keys.values()}
-    per: dict[str, list[float]] = {}
+    per: dict[str, list[tuple[float, float | None]]] = {}
     for e in store.executions():
         if e.get("key") in mine and "seconds" in e:
-            per.setdefault(e["stage"], []).append(float(e["seconds"]))
-    return {st: {"n": len(v), "mean": sum(v) / len(v), "total": sum(v)} for st, v in per.items()}
+            per.setdefault(e["stage"], []).append((float(e["seconds"]), e.get("cpu_seconds")))
+    out = {}
+    for st, v in per.items():
+        wall = [w for w, _ in v]
+        out[st] = {"n": len(v), "mean": sum(wall) / len(v), "total": sum(wall)}
+        if all(c is not None for _, c in v):
+            out[st]["cpu_total"] = sum(c for _, c in v)
+    return out

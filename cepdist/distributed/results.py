@@ -49,8 +49,9 @@ def trial_rows(study: str, trial: Trial, history: list[dict], seconds: dict[str,
 def write_table(store: ArtifactStore, study: str, trials: list[Trial], path: Path) -> pd.DataFrame:
     seconds: dict[str, float] = {}
     for e in store.executions():
-        if e.get("stage") != "evaluation" and "seconds" in e:
-            seconds[e["key"]] = seconds.get(e["key"], 0.0) + float(e["seconds"])
+        if e.get("stage") != "evaluation" and "seconds" in e:     # CPU seconds where recorded, else wall
+            spent = e.get("cpu_seconds")
+            seconds[e["key"]] = seconds.get(e["key"], 0.0) + float(e["seconds"] if spent is None else spent)
     rows = [r for t in trials for r in trial_rows(study, t, store.get_json(t.keys["evaluation"])["history"], seconds)]
     df = pd.DataFrame(rows, columns=COLUMNS)
     path.parent.mkdir(parents=True, exist_ok=True)

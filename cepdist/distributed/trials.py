@@ -99,7 +99,7 @@ def run_stage(ctx: Context, stage: str, fn: StageFn, data_parallel: bool = True)
 def _compute(ctx: Context, stage: str, key: str, fn: StageFn, data_parallel: bool):
     study = ctx.study
     ctx.event(event="start")
-    t0 = time.perf_counter()
+    t0, cpu0, loop_cpu = time.perf_counter(), time.process_time(), {}
     wd = ctx.workdir(key)
     if data_parallel and study.train_workers >= 1:
         path = run_data_parallel(fn, workers=study.train_workers, ckpt_file=f"{stage}.pt", name=key,
@@ -112,13 +112,19 @@ def _compute(ctx: Context, stage: str, key: str, fn: StageFn, data_parallel: boo
 
         def progress(name, step, metrics, saved):       # the driver's progress line shows each running stage's
             total = metrics.get(f"{name}/total_steps")
+            loop_cpu["seconds"] = metrics.get(f"{name}/cpu_seconds", loop_cpu.get("seconds"))
             if total:
                 ctx.event(event="progress", fraction=step / total)
         fn(SINGLE, path, progress, ctx.device)
     ctx.store.put_file(key, path)
     seconds = time.perf_counter() - t0
+    # compute, in the trial's process: its CPU time for the stage, or more where the stage's training loop
+    # resumed and carried the CPU seconds of its earlier runs in its checkpoint (not known for Ray Train workers)
+    cpu = None
+    if not (data_parallel and study.train_workers >= 1):
+        cpu = max(time.process_time() - cpu0, loop_cpu.get("seconds") or 0.0)
     ctx.store.record_execution(key, {"stage": stage, "run": ctx.run_id, "trial": ctx.trial.label, "seconds": seconds,
-                                     "dataset": ctx.trial.data})
+                                     "cpu_seconds": cpu, "dataset": ctx.trial.data})
     ctx.event(event="done", seconds=seconds)
 
 
