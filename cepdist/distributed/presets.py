@@ -41,18 +41,18 @@ def preset(name: str) -> StudyConfig:
         #   agent's (gap 0.127, floor 0.060) and overfits; on 500k it keeps closing (0.106 at 62.5k steps), and
         #   only then does the exact target μ·exp(30·Q̄) beat w = 0 (hopper, 100 episodes: 61.4 against 48.7);
         # - behaviour (128, 64, 32) with an EMA, batch 1024, constant lr 1e-3, 50k steps: what the 4-hour budget
-        #   allows (a 75k-step model costs 41 core-minutes, nine of them alone 3.1 h of the two cores); 75k-step
-        #   models reached a gap of 0.110 / 0.111 and the target beat w = 0 by +6.0 ± 5.4 / +5.2 ± 4.1, 50k-step
-        #   ones with a cosine to 0 only 0.121 / 0.123 and +3.0 ± 4.5 / +0.9 ± 3.7, and the slow-cosine gap run
-        #   0.114 at 50k, 0.106 at 62.5k steps;
+        #   allows (≈ 2.4k steps a core-minute: nine 75k-step models would take 2.3 of the 4 hours, leaving too
+        #   little for support, Q, fφ and evaluation, ≈ 1.7 h); 75k-step models reached a gap of 0.110 / 0.111
+        #   and the target beat w = 0 by +6.0 ± 5.4 / +5.2 ± 4.1, 50k-step ones with a cosine to 0 only
+        #   0.121 / 0.123 and +3.0 ± 4.5 / +0.9 ± 3.7, and the slow-cosine gap run 0.114 at 50k, 0.106 at 62.5k;
         # - support and sampler 15 steps uniform in log-SNR (the reference's grid shrinks a state's spread to
         #   0.6 of it);
         # - Q 12k steps (Q̄ ≈ 60; the target above used it); β = 30 (at 3 the labels are nearly uniform);
         # - fφ 4k steps with t uniform in log-SNR: with t uniform in t it learned little at small t and w = 3
         #   collapsed hopper to 11.0 (50 episodes), with log-SNR times it scored 50.8 against 46.5 at w = 0.
         # Test scores on 50 episodes per scale, w chosen on 20 others, after 2k and 4k fφ steps (inside the trial).
-        # Three trials at 2/3 CPU each share the two cores: as fast in all as two of one core each (≥ 4.4k
-        # against 4.3k behaviour steps a minute), and no core idles while a phase's ninth unit runs alone.
+        # Three trials at 2/3 CPU each share the two cores: about as fast in all as two of one core each (4.4–4.8k
+        # against 4.3–4.9k behaviour steps a minute), and no core idles while a phase's ninth unit runs alone.
         return StudyConfig(
             name="local", tasks=("hopper-medium-local", "halfcheetah-medium-local", "walker2d-medium-expert-local"),
             seeds=(0, 1, 2), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0),
