@@ -168,3 +168,25 @@ def test_an_unusable_store_is_refused_before_training(tmp_path):
         ArtifactStore(tmp_path / "ok").check_writable(min_free_bytes=1 << 62)
     ArtifactStore(tmp_path / "ok").check_writable()
     assert not list((tmp_path / "ok").glob(".probe-*"))
+
+
+def test_progress_eta_comes_from_the_running_stages_pace(caplog):
+    """Units still to start share the slots at the running stages' mean pace; at a phase's tail the slowest
+    running unit decides. A resumed unit's earlier share is not counted as speed (only its pace is)."""
+    import logging
+    import types
+    from cepdist.distributed import driver
+    units = [types.SimpleNamespace(hyper={"i": i}) for i in range(5)]
+    events, _ = driver.callbacks("behavior", units, None, [], None)
+    events.t0 -= 600
+    unit = lambda f, rate: {"stage": "behavior", "f": f, "t": 0.0, "rate": rate}
+    # 50% at 0.05%/s (600 s left), 20% at 0.02%/s (2400 s left), one just started: 2100 s a unit on average
+    events.running = {"a": unit(0.5, 0.5 / 600), "b": unit(0.2, 0.2 / 600), "c": unit(None, None)}
+    with caplog.at_level(logging.INFO, logger="cepdist"):
+        events._progress(force=True)                      # (600 + 2400 + 2100 + 2 × 2100) / 3 slots
+        events.running.pop("c")
+        events.done = 3
+        events._progress(force=True)                      # nothing left to start: the slower one, 2400 s
+    assert [r.getMessage() for r in caplog.records] == [
+        "[behavior phase] 0/5 done | running: behavior ×3 (50% 20%, 3.5%/min) | ETA 51m40s | 10m00s elapsed",
+        "[behavior phase] 3/5 done | running: behavior ×2 (50% 20%, 3.5%/min) | ETA 40m00s | 10m00s elapsed"]

@@ -193,7 +193,7 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
     class Events(Callback):
         def __init__(self):
             self.t0 = self.last = time.time()
-            self.done, self.running = 0, {}
+            self.done, self.running, self.slots = 0, {}, 1     # slots: the most units seen running at once
             self.runs: dict[str, str] = {}
             self.logged: dict[str, set] = {}
             self.failed: set[str] = set()
@@ -265,12 +265,14 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             self.last = now
             total, elapsed = len(units), now - self.t0
             run = list(self.running.values())
+            self.slots = max(self.slots, len(run))
             rates = [u["rate"] for u in run if u["rate"]]
             if rates:      # the running stages' own pace: what is left of them, then the units not started
                 unit = sum(1 / r for r in rates) / len(rates)
-                left = sum((1 - u["f"]) / u["rate"] if u["rate"] else unit for u in run) \
-                    + (total - self.done - len(run)) * unit
-                eta = _fmt(left / max(1, len(run)))
+                each = [(1 - u["f"]) / u["rate"] if u["rate"] else unit for u in run]
+                pending = total - self.done - len(run)
+                # units still to start share the slots; without them the slowest running one decides
+                eta = _fmt((sum(each) + pending * unit) / self.slots if pending > 0 else max(each))
             else:
                 eta = _fmt((total - self.done) * elapsed / self.done) if self.done else "?"
             stages = {}
