@@ -110,7 +110,7 @@ def _compute(ctx: Context, stage: str, key: str, fn: StageFn, data_parallel: boo
             torch.set_num_threads(max(1, int(study.trial_cpus)))
         path = wd / f"{stage}.pt"
 
-        def progress(name, step, metrics, saved):       # the driver's progress line shows each running stage's
+        def progress(name, step, metrics, saved):       # share done → the progress line; CPU → the record
             total = metrics.get(f"{name}/total_steps")
             loop_cpu["seconds"] = metrics.get(f"{name}/cpu_seconds", loop_cpu.get("seconds"))
             if total:
