@@ -134,9 +134,9 @@ def train_iql(cfg: IQLConfig, data: Transitions, *, seed: int = 0, ckpt_path: Pa
     local_bs = parallel.local_batch(cfg.batch_size, "iql.batch_size")
     meta = {"kind": "iql", "config": to_dict(cfg), "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}
-    gen, start, snapshot = _resume("iql", ckpt_path, meta, {"agent": agent}, learner, seed, device, parallel)
+    gen, start, snapshot, cpu = _resume("iql", ckpt_path, meta, {"agent": agent}, learner, seed, device, parallel)
 
-    loop = Loop("iql", cfg.steps, LOSSES, device, cfg.log_every, cfg.ckpt_every, ckpt_path, snapshot, callback, start)
+    loop = Loop("iql", cfg.steps, LOSSES, device, cfg.log_every, cfg.ckpt_every, ckpt_path, snapshot, callback, start, cpu)
     n = len(data)
     for _ in range(start, cfg.steps):
         idx = torch.randint(n, (local_bs,), device=device, generator=gen)

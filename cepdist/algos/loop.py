@@ -39,7 +39,7 @@ DIVERGENCE_FACTOR = 1e6
 class Loop:
     def __init__(self, stage: str, total: int, names: tuple[str, ...], device, log_every: int,
                  ckpt_every: int, ckpt_path: Path | None, snapshot: Callable[[int], dict],
-                 callback: Callback | None = None, start: int = 0):
+                 callback: Callback | None = None, start: int = 0, cpu_before: float = 0.0):
         self.stage, self.total, self.names = stage, total, names
         self.log_every, self.ckpt_every = max(1, log_every), max(1, ckpt_every)
         self.ckpt_path, self.snapshot, self.callback = ckpt_path, snapshot, callback
@@ -52,9 +52,8 @@ class Loop:
         self.last_good_step: int | None = start if start > 0 else None
         self.first: dict[str, float] = {}            # each loss at this run's first step (one host sync)
         # the stage's compute is this process's CPU time, carried in the checkpoints across interruptions
-        self.cpu0, self.cpu_before = time.process_time(), 0.0
-        if start > 0 and ckpt_path is not None and Path(ckpt_path).is_file():
-            self.cpu_before = float(checkpoint.load(ckpt_path).get("cpu_seconds", 0.0))
+        # (cpu_before: the resumed checkpoint's)
+        self.cpu0, self.cpu_before = time.process_time(), cpu_before
 
     def cpu_seconds(self) -> float:
         """CPU seconds of the process running this loop, over every run that led to the current step."""

@@ -97,10 +97,12 @@ def plan_for(schedule: VPSchedule, cfg: SolverConfig):
 
 
 def _resume(stage: str, ckpt_path: Path | None, meta: dict, modules: dict[str, torch.nn.Module], opt,
-            seed: int, device, parallel: Parallel, sched=None) -> tuple[torch.Generator, int, Callable[[int], dict]]:
+            seed: int, device, parallel: Parallel, sched=None
+            ) -> tuple[torch.Generator, int, Callable[[int], dict], float]:
     """The stage's random stream and first step — restored from its checkpoint when one exists (rank 0
-    continues its stream; other ranks draw a fresh one for the remaining steps) — and its snapshot function."""
-    gen, start = seed_generator(seed, stage, device, parallel.rank), 0
+    continues its stream; other ranks draw a fresh one for the remaining steps) —, its snapshot function and
+    the CPU seconds already spent on it (the Loop's `cpu_before`)."""
+    gen, start, cpu = seed_generator(seed, stage, device, parallel.rank), 0, 0.0
     ck = resume_state(ckpt_path, meta["config"])
     if ck is not None:
         for name, m in modules.items():
@@ -108,7 +110,7 @@ def _resume(stage: str, ckpt_path: Path | None, meta: dict, modules: dict[str, t
         opt.load_state_dict(ck["optimizer"])
         if sched is not None:
             sched.load_state_dict(ck["lr_scheduler"])
-        start = ck["step"]
+        start, cpu = ck["step"], float(ck.get("cpu_seconds", 0.0))
         if parallel.rank == 0:
             gen.set_state(ck["rng"])
         else:
@@ -119,7 +121,7 @@ def _resume(stage: str, ckpt_path: Path | None, meta: dict, modules: dict[str, t
         return {**meta, "step": step, **{n: m.state_dict() for n, m in modules.items()},
                 "optimizer": opt.state_dict(), "rng": gen.get_state(),
                 **({} if sched is None else {"lr_scheduler": sched.state_dict()})}
-    return gen, start, snapshot
+    return gen, start, snapshot, cpu
 
 
 # ---------------------------------------------------------------- behaviour model
@@ -155,11 +157,11 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     meta = {"kind": "behavior", "config": to_dict(cfg), "seed": seed,
             "state_dim": state_dim, "action_dim": actions.shape[1]}
     modules = {"model": model, **({"ema": ema} if ema is not None else {})}
-    gen, start, snapshot = _resume("behavior", ckpt_path, meta, modules, opt, seed, device, parallel, sched)
+    gen, start, snapshot, cpu = _resume("behavior", ckpt_path, meta, modules, opt, seed, device, parallel, sched)
     net = parallel.wrap(model)
 
     loop = Loop("behavior", cfg.steps, ("loss",), device, cfg.log_every, cfg.ckpt_every, ckpt_path,
-                snapshot, callback, start)
+                snapshot, callback, start, cpu)
     n = actions.shape[0]
     amp = _autocast(cfg.precision, device)
     model.train()
@@ -284,12 +286,12 @@ def train_q(cfg: QConfig, data: Transitions, support: SupportSet, *, seed: int =
     local_bs = parallel.local_batch(cfg.batch_size, "q.batch_size")
     meta = {"kind": "q", "config": to_dict(cfg), "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}
-    gen, start, snapshot = _resume("q", ckpt_path, meta, {"q": q, "q_target": q_target}, opt, seed, device,
-                                   parallel)
+    gen, start, snapshot, cpu = _resume("q", ckpt_path, meta, {"q": q, "q_target": q_target}, opt, seed, device,
+                                        parallel)
     q_net = parallel.wrap(q)
 
     loop = Loop("q", cfg.steps, ("q_loss", "target_mean"), device, cfg.log_every, cfg.ckpt_every,
-                ckpt_path, snapshot, callback, start)
+                ckpt_path, snapshot, callback, start, cpu)
     n = len(data)
     for _ in range(start, cfg.steps):
         idx = torch.randint(n, (local_bs,), device=device, generator=gen)
@@ -373,8 +375,8 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
     config = {**to_dict(cfg), "schedule": [schedule.beta_min, schedule.beta_max]}
     meta = {"kind": "energy", "config": config, "seed": seed, "state_dim": data.state_dim,
             "action_dim": data.action_dim}
-    gen, start, snapshot = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel,
-                                   sched)
+    gen, start, snapshot, cpu = _resume("energy", ckpt_path, meta, {"energy": energy}, opt, seed, device, parallel,
+                                        sched)
     aepo = cfg.method == "aepo"
     table = iso_table(behavior, data, seed) if aepo and cfg.covariance == "isotropic" else None
     max_var = max_variance(data.actions) if aepo else None
@@ -382,7 +384,7 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
     on_support = cfg.train_actions() == "support"
 
     loop = Loop("energy", cfg.steps, ("energy_loss", "q_mean", "q_std"), device, cfg.log_every,
-                cfg.ckpt_every, ckpt_path, snapshot, callback, start)
+                cfg.ckpt_every, ckpt_path, snapshot, callback, start, cpu)
     n = len(data)
     for _ in range(start, cfg.steps):
         idx = torch.randint(n, (local_bs,), device=device, generator=gen)
