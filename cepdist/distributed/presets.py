@@ -41,8 +41,8 @@ def preset(name: str) -> StudyConfig:
         #   agent's (gap 0.127, floor 0.060) and overfits; on 500k it keeps closing (0.106 at 62.5k steps), and
         #   only then does the exact target μ·exp(30·Q̄) beat w = 0 (hopper, 100 episodes: 61.4 against 48.7);
         # - behaviour (128, 64, 32) with an EMA, batch 1024, constant lr 1e-3, 50k steps: what the 4-hour budget
-        #   allows (≈ 2.4k steps a core-minute: nine 75k-step models would take 2.3 of the 4 hours, leaving too
-        #   little for support, Q, fφ and evaluation, ≈ 1.7 h); 75k-step models reached a gap of 0.110 / 0.111
+        #   allowed at ≈ 2.4k steps a core-minute (measured on a shared machine; idle, the study ran ≈ 3.2k:
+        #   nine 75k-step models ≈ 1.8 h instead of 2.3 of the 4 hours); 75k-step models reached a gap of 0.110 / 0.111
         #   and the target beat w = 0 by +6.0 ± 5.4 / +5.2 ± 4.1, 50k-step ones with a cosine to 0 only
         #   0.121 / 0.123 and +3.0 ± 4.5 / +0.9 ± 3.7, and the slow-cosine gap run 0.114 at 50k, 0.106 at 62.5k;
         # - support and sampler 15 steps uniform in log-SNR (the reference's grid shrinks a state's spread to
