@@ -187,6 +187,12 @@ def test_progress_eta_comes_from_the_running_stages_pace(caplog):
         events.running.pop("c")
         events.done = 3
         events._progress(force=True)                      # nothing left to start: the slower one, 2400 s
+        events.done = 1
+        events._progress(force=True)        # finished units' pace, 4 × 600 s (their every stage), if slower
+        events.running["b"]["rate"] = 0.2 / 60
+        events._progress(force=True)                       # 4 × 600 s, not the running stages' 240 s
     assert [r.getMessage() for r in caplog.records] == [
         "[behavior phase] 0/5 done | running: behavior ×3 (50% 20%, 3.5%/min) | ETA 51m40s | 10m00s elapsed",
-        "[behavior phase] 3/5 done | running: behavior ×2 (50% 20%, 3.5%/min) | ETA 40m00s | 10m00s elapsed"]
+        "[behavior phase] 3/5 done | running: behavior ×2 (50% 20%, 3.5%/min) | ETA 40m00s | 10m00s elapsed",
+        "[behavior phase] 1/5 done | running: behavior ×2 (50% 20%, 3.5%/min) | ETA 40m00s | 10m00s elapsed",
+        "[behavior phase] 1/5 done | running: behavior ×2 (50% 20%, 12.5%/min) | ETA 40m00s | 10m00s elapsed"]

@@ -267,14 +267,17 @@ def callbacks(phase: str, units: list[Trial], study: StudyConfig, fatal: list, t
             run = list(self.running.values())
             self.slots = max(self.slots, len(run))
             rates = [u["rate"] for u in run if u["rate"]]
+            # whole units finished so far: their pace counts every stage of a unit (support then Q), which the
+            # running stage's pace does not
+            eta = (total - self.done) * elapsed / self.done if self.done else None
             if rates:      # the running stages' own pace: what is left of them, then the units not started
                 unit = sum(1 / r for r in rates) / len(rates)
                 each = [(1 - u["f"]) / u["rate"] if u["rate"] else unit for u in run]
                 pending = total - self.done - len(run)
                 # units still to start share the slots; without them the slowest running one decides
-                eta = _fmt((sum(each) + pending * unit) / self.slots if pending > 0 else max(each))
-            else:
-                eta = _fmt((total - self.done) * elapsed / self.done) if self.done else "?"
+                by_stage = (sum(each) + pending * unit) / self.slots if pending > 0 else max(each)
+                eta = max(eta or 0.0, by_stage)
+            eta = "?" if eta is None else _fmt(eta)
             stages = {}
             for u in run:
                 stages.setdefault(u["stage"], []).append(u)
