@@ -40,11 +40,11 @@ def preset(name: str) -> StudyConfig:
         # - 500k rows per dataset part: on 50k rows the behaviour model's per-state mean stops approaching the
         #   agent's (gap 0.127, floor 0.060) and overfits; on 500k it keeps closing (0.106 at 62.5k steps), and
         #   only then does the exact target μ·exp(30·Q̄) beat w = 0 (hopper, 100 episodes: 61.4 against 48.7);
-        # - behaviour (128, 64, 32) with an EMA, batch 1024, constant lr 1e-3, 50k steps: what the 4-hour budget
-        #   allowed at ≈ 2.4k steps a core-minute (measured on a shared machine; idle, the study ran ≈ 3.2k:
-        #   nine 75k-step models ≈ 1.8 h instead of 2.3 of the 4 hours); 75k-step models reached a gap of 0.110 / 0.111
-        #   and the target beat w = 0 by +6.0 ± 5.4 / +5.2 ± 4.1, 50k-step ones with a cosine to 0 only
-        #   0.121 / 0.123 and +3.0 ± 4.5 / +0.9 ± 3.7, and the slow-cosine gap run 0.114 at 50k, 0.106 at 62.5k;
+        # - behaviour (128, 64, 32) with an EMA, batch 1024, constant lr 1e-3, 75k steps: 75k-step models reached a
+        #   gap of 0.110 / 0.111 and the target beat w = 0 by +6.0 ± 5.4 / +5.2 ± 4.1; the study at 50k steps (what
+        #   a shared machine's pace had allowed) failed: its hopper seed-0 model's target scored −10.1 ± 3.7 against
+        #   w = 0 (50 episodes), and every guided policy of that study scored below w = 0. On an idle machine nine
+        #   75k-step models take ≈ 1.8 h (≈ 3.2k steps a core-minute), the whole study ≈ 3.1 h;
         # - support and sampler 15 steps uniform in log-SNR (the reference's grid shrinks a state's spread to
         #   0.6 of it);
         # - Q 12k steps (Q̄ ≈ 60; the target above used it); β = 30 (at 3 the labels are nearly uniform);
@@ -58,7 +58,7 @@ def preset(name: str) -> StudyConfig:
             seeds=(0, 1, 2), solver_steps=(15,), scales=(0.0, 1.0, 3.0, 5.0),
             dataset_rows=500_000, eval_episodes=50, val_episodes=20, eval_every=2000, eval_actors=0, trial_cpus=0.66,
             iql=IQLConfig(steps=100_000, reward=None, log_every=5000, ckpt_every=20_000),
-            base=QGPOConfig(behavior=BehaviorConfig(widths=(128, 64, 32), steps=50_000, batch_size=1024, lr=1e-3,
+            base=QGPOConfig(behavior=BehaviorConfig(widths=(128, 64, 32), steps=75_000, batch_size=1024, lr=1e-3,
                                                     ema=0.999, log_every=2500, ckpt_every=5000),
                             support=SupportConfig(K=8, batch_states=1024, solver=LOGSNR_15),
                             q=QConfig(steps=12_000, reward=None, log_every=1000, ckpt_every=4000),
