@@ -82,7 +82,7 @@ def compare(results: Path, study_table: Path) -> str:
         d = (equal - q_val).dropna().to_numpy()
         md.append(f"| {r['task']} | {qgpo_min:.1f} | {cell(q0.to_numpy())} | w = {val.w:g}: {cell(q_val.to_numpy())} | "
                   f"{', '.join(f'{m.minutes:.1f} → {m.score:.1f}' for m in marks.itertuples())} | "
-                  f"{marks.minutes[at]:.1f} min: {cell(equal.to_numpy())} | {cell(d)} |")
+                  f"{marks.minutes[at]:.1f} min, {len(equal)} seed(s): {cell(equal.to_numpy())} | {cell(d)} |")
     return "\n".join(md)
 
 
@@ -95,7 +95,7 @@ def main():
     ap.add_argument("--task", default="hopper-medium-local")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-root")
-    ap.add_argument("--at-minutes", type=float, nargs="+", default=[5.0, 10.0, 20.0, 30.0, 45.0, 60.0],
+    ap.add_argument("--at-minutes", type=float, nargs="+", default=[5.0, 10.0, 20.0, 30.0],
                     help="evaluate when the training compute reaches each of these")
     ap.add_argument("--episodes", type=int, default=50, help="test episodes (the local preset's eval_episodes)")
     ap.add_argument("--val-episodes", type=int, default=20,
