@@ -172,7 +172,8 @@ def test_an_unusable_store_is_refused_before_training(tmp_path):
 
 def test_progress_eta_comes_from_the_running_stages_pace(caplog):
     """Units still to start share the slots at the running stages' mean pace; at a phase's tail the slowest
-    running unit decides. A resumed unit's earlier share is not counted as speed (only its pace is)."""
+    running unit decides. A resumed unit's earlier share is not counted as speed (only its pace is). Once units
+    have finished, their pace (every stage of a unit, e.g. support then Q) bounds the ETA from below."""
     import logging
     import types
     from cepdist.distributed import driver
