@@ -156,3 +156,22 @@ def test_a_lease_whose_holder_died_is_taken_over_at_once_and_a_live_ones_is_not(
             assert got == [False], key                       # the artifact appeared: nothing to compute
     finally:
         live.kill()
+
+
+def test_a_studys_wall_time_includes_earlier_configurations_that_computed_its_stages(tmp_path):
+    """An evaluation grid changed after the models were trained makes a new study identity; the invocations
+    that trained them (even one that finished no stage) stay in its wall time, an unrelated study's do not."""
+    from types import SimpleNamespace
+    from cepdist.distributed.driver import wall_time
+    st = ArtifactStore(tmp_path / "store")
+    for study, run, started, seconds in (("s-old", "r1", 1, 3600), ("s-old", "r2", 2, 120), ("s-new", "r3", 3, 900),
+                                         ("other", "r4", 0, 5000)):
+        st.record_invocation(study, run, {"run": run, "started": started, "seconds": seconds, "outcome": "finished"})
+    st.record_execution("behavior-a", {"stage": "behavior", "run": "r1"})
+    st.record_execution("evaluation-b", {"stage": "evaluation", "run": "r3"})
+    st.record_execution("behavior-z", {"stage": "behavior", "run": "r4"})
+    new = [SimpleNamespace(keys={"behavior": "behavior-a", "evaluation": "evaluation-b"})]
+    w = wall_time(st, "s-new", new)
+    assert w["wall_seconds"] == 3600 + 120 + 900
+    assert [(r["study"], r["seconds"]) for r in w["invocations"]] == [("s-old", 3600), ("s-old", 120), ("s-new", 900)]
+    assert wall_time(st, "s-fresh", [SimpleNamespace(keys={"behavior": "behavior-q"})])["wall_seconds"] == 0

@@ -79,7 +79,10 @@ def compute_section(study_json: Path) -> list[str]:
     if "wall_seconds" in s:
         inv = s["invocations"]
         outcomes = ", ".join(f"{r['outcome']} {r['seconds'] / 60:.0f} min" for r in inv)
-        lines += [f"Wall time {s['wall_seconds'] / 3600:.2f} h over {len(inv)} invocation(s) ({outcomes}); "
+        other = sorted({r["study"] for r in inv if r.get("study", s.get("ident")) != s.get("ident")})
+        reused = (f" {sum(r.get('study') in other for r in inv)} of them ran an earlier configuration "
+                  f"({', '.join(other)}) that computed stages this study uses;" if other else "")
+        lines += [f"Wall time {s['wall_seconds'] / 3600:.2f} h over {len(inv)} invocation(s) ({outcomes});{reused} "
                   "'running' marks an invocation whose driver was killed (its time known to within 10 s).", ""]
     if s.get("stage_seconds"):
         cpu = lambda v: f"{v['cpu_total'] / 60:.0f}" if "cpu_total" in v else "–"

@@ -378,7 +378,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     run_id = uuid.uuid4().hex                        # tags this invocation's stage executions
     tracker = MLflowTracker(study.mlflow_uri, study.name)
     ident = study_ident(study.name, all_trials)
-    earlier = wall_time(store, ident)
+    earlier = wall_time(store, ident, all_trials)
     log.info("study %s: %d trials | store %s | MLflow %s%s", study.name, len(all_trials), study.store,
              study.mlflow_uri, f" | {len(earlier['invocations'])} earlier invocation(s), {_fmt(earlier['wall_seconds'])}"
              if earlier["invocations"] else "")
@@ -388,11 +388,12 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     reconcile_runs(study, all_trials, store, tracker, kind.metrics)
     df = kind.write_table(store, study.name, all_trials, out / "results.parquet")
     mine = [e for e in store.executions() if e.get("run") == run_id]
-    summary = {"study": study.name, "trials": len(all_trials), "results_table": str(out / "results.parquet"),
+    summary = {"study": study.name, "ident": ident, "trials": len(all_trials),
+               "results_table": str(out / "results.parquet"),
                "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
                "executions": {s: n for s in kind.stages
                               if (n := sum(e["stage"] == s for e in mine))},
-               "seconds": time.perf_counter() - t0, **wall_time(store, ident),
+               "seconds": time.perf_counter() - t0, **wall_time(store, ident, all_trials),
                "stage_seconds": stage_seconds(store, all_trials)}
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -433,11 +434,18 @@ def study_ident(name: str, ts: list[Trial]) -> str:
     return f"{name}-" + hashlib.sha256(json.dumps(sorted(t.keys["evaluation"] for t in ts)).encode()).hexdigest()[:12]
 
 
-def wall_time(store: ArtifactStore, ident: str) -> dict:
-    """The study's wall time summed over its invocations (this one included), and their outcomes."""
-    inv = store.invocations(ident)
+def wall_time(store: ArtifactStore, ident: str, ts: list[Trial]) -> dict:
+    """The study's wall time: the sum over its invocations (this one included) and over those of every other
+    configuration in the store an invocation of which computed a stage this study uses. So a study whose
+    evaluation grid changed after its models were trained keeps their training time in its total; a stage
+    shared with another study brings that study's whole time (an overstatement, never an understatement)."""
+    mine = {k for t in ts for k in t.keys.values()}
+    runs = {e.get("run") for e in store.executions() if e.get("key") in mine}
+    groups = {s: store.invocations(s) for s in store.studies()}
+    related = {ident} | {s for s, inv in groups.items() if any(r.get("run") in runs for r in inv)}
+    inv = sorted(({**r, "study": s} for s in related for r in groups.get(s, [])), key=lambda r: r.get("started", 0))
     return {"wall_seconds": sum(r["seconds"] for r in inv),
-            "invocations": [{k: r[k] for k in ("started", "seconds", "outcome")} for r in inv]}
+            "invocations": [{k: r[k] for k in ("started", "seconds", "outcome", "study")} for r in inv]}
 
 
 def run_phases(study: StudyConfig, all_trials: list[Trial], store: ArtifactStore, tracker: MLflowTracker,

@@ -216,6 +216,11 @@ class ArtifactStore:
     def invocations(self, study: str) -> list[dict]:
         return sorted(self.records(f"invocations/{study}"), key=lambda r: r.get("started", 0))
 
+    def studies(self) -> list[str]:
+        """Every study identity with recorded invocations."""
+        sel = pafs.FileSelector(self._path("invocations"), allow_not_found=True)
+        return sorted(fi.base_name for fi in self.fs.get_file_info(sel) if fi.type == pafs.FileType.Directory)
+
     def records(self, folder: str) -> list[dict]:
         """The JSON files of a folder of the store (none when it does not exist)."""
         sel = pafs.FileSelector(self._path(folder), allow_not_found=True)
