@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +25,7 @@ import torch
 
 from cepdist.algos.qgpo.config import EnergyConfig
 from cepdist.algos.qgpo.policy import GuidedPolicy
-from cepdist.algos.qgpo.stages import build_energy, load_behavior, load_q
-from cepdist.core.guidance import energy_loss
+from cepdist.algos.qgpo.stages import SupportSet, load_behavior, load_energy, load_q, train_energy
 from cepdist.data import datasets
 from cepdist.data.tasks import get_task
 from cepdist.distributed.presets import LOGSNR_15
@@ -68,7 +68,8 @@ def main():
     behavior, q = load_behavior(a.behavior), load_q(a.q).requires_grad_(False)
     schedule = behavior.schedule
     g = torch.Generator().manual_seed(0)
-    S = data.obs[torch.randperm(len(data), generator=g)[:a.states]]
+    sub = data[torch.randperm(len(data), generator=g)[:a.states]]
+    S = sub.obs
     cache = Path(a.support_cache) if a.support_cache else None
     if cache and cache.is_file():
         A = torch.load(cache)
@@ -82,23 +83,24 @@ def main():
     with torch.no_grad():
         QS = torch.cat([q.min(A[i:i + 4096], S[i:i + 4096]) for i in range(0, len(S), 4096)])
     print(f"Q̄ mean {QS.mean():.1f}, per-state sd {QS.std(-1).mean():.3f}", flush=True)
-    cfg = EnergyConfig(beta=a.beta, steps=a.steps, lr=a.lr, t_sampling=a.t_sampling)
-    f = build_energy(cfg, data.state_dim, data.action_dim, 0)
-    opt = torch.optim.Adam(f.parameters(), a.lr)
+    # fφ is the energy stage itself (train_energy) on these states' support actions; at each checkpoint the
+    # callback reloads the model from the file just written and measures the label KL
+    cfg = EnergyConfig(beta=a.beta, steps=a.steps, lr=a.lr, t_sampling=a.t_sampling, log_every=1000, ckpt_every=1000)
+    support = SupportSet(A, torch.arange(len(S)), torch.arange(len(S)))
     t0, log = time.perf_counter(), []
-    for step in range(1, a.steps + 1):
-        j = torch.randint(len(S), (256,), generator=g)
-        loss = energy_loss("cep", f, A[j], S[j], a.beta * QS[j], schedule, g, a.t_sampling)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 1000 == 0 or step == a.steps:
-            kls = {t: label_kl(f, A, S, QS, a.beta, schedule, t, g) for t in (1e-3, 0.05, 0.2, 0.5)}
-            log.append({"step": step, "seconds": time.perf_counter() - t0,
-                        "kl": {str(t): v[0] for t, v in kls.items()}, "kl_flat": {str(t): v[1] for t, v in kls.items()}})
-            print(f"step {step} | {time.perf_counter() - t0:.0f}s | label KL (flat) "
-                  + " ".join(f"t={t:g}: {v[0]:.3f} ({v[1]:.3f})" for t, v in kls.items()), flush=True)
-    f.eval()
+
+    def at_checkpoint(stage, step, metrics, saved):
+        if saved is None:
+            return
+        f = load_energy(saved)
+        kls = {t: label_kl(f, A, S, QS, a.beta, schedule, t, g) for t in (1e-3, 0.05, 0.2, 0.5)}
+        log.append({"step": step, "seconds": time.perf_counter() - t0, "loss": metrics["energy_loss"],
+                    "kl": {str(t): v[0] for t, v in kls.items()}, "kl_flat": {str(t): v[1] for t, v in kls.items()}})
+        print(f"step {step} | {time.perf_counter() - t0:.0f}s | label KL (flat) "
+              + " ".join(f"t={t:g}: {v[0]:.3f} ({v[1]:.3f})" for t, v in kls.items()), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        f = train_energy(cfg, q, support, sub, schedule, seed=0, ckpt_path=Path(tmp) / "energy.pt",
+                         callback=at_checkpoint)
     scales = [float(x) for x in a.scales.split(",")]
     res = evaluate(GuidedPolicy(behavior, "cep", energy=f, seed=0, solver=LOGSNR_15), task, scales, a.episodes,
                    seed=50_000)
