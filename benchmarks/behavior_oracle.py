@@ -11,9 +11,13 @@ Needs the agents (`--policy-dir` or $CEPDIST_POLICY_DIR).
     python benchmarks/behavior_oracle.py --task walker2d-medium-expert-local --data-root DATA [--seeds 0 1 2]
         [--behavior STORE/behavior-…/artifact.pt …]
 
-`--behavior`: also, for each model and each part, at 512 of that part's dataset states, the distance between
-the mean of 32 model samples and the agent's mean action, and the model's per-dimension spread beside the
-part's own (its added noise; 0 for a deterministic agent): where the model does not act as the part's agent.
+`--behavior`: the same for behaviour models (w = 0), and where they do not act as the data's agents:
+- per part, at 512 of that part's dataset states: the distance between the mean of 32 model samples and the
+  agent's mean action, and the model's per-dimension spread beside the part's own (its added noise);
+- at 256 episodes' first states (where every part starts): the share of 64 model samples within 0.1 / 0.3 /
+  1.0 of each deterministic part's action, against that part's share of the file's episodes;
+- along the rollouts, model and mixture alike: how many episodes are, by the classifier, in each part's
+  states after 3, 10, 100 and 500 steps (the part an episode follows is chosen in its first steps).
 """
 from __future__ import annotations
 
@@ -65,6 +69,27 @@ def part_classifier(obs: np.ndarray, parts: np.ndarray, n_parts: int, steps: int
                                                                  "holdout_accuracy": acc}
 
 
+class PartTracker:
+    """Wraps an evaluation policy; at each lockstep call (one per environment step) counts the live episodes
+    (those run at scale `only_w`, if given) whose state the classifier puts in each part."""
+
+    def __init__(self, policy, classify, n_parts: int, only_w: float | None = None):
+        self.policy, self.classify, self.n_parts, self.only_w = policy, classify, n_parts, only_w
+        self.device, self.action_dim = policy.device, policy.action_dim
+        self.per_step: list[np.ndarray] = []
+
+    def __call__(self, states, w, x_init=None):
+        with torch.no_grad():
+            part = self.classify(states.cpu()).argmax(-1).numpy()
+        if self.only_w is not None:
+            part = part[w.cpu().numpy() == self.only_w]
+        self.per_step.append(np.bincount(part, minlength=self.n_parts))
+        return self.policy(states, w=w, x_init=x_init)
+
+    def at(self, steps=(3, 10, 100, 500)) -> dict:
+        return {str(t): self.per_step[t].tolist() if t < len(self.per_step) else [0] * self.n_parts for t in steps}
+
+
 class PartsPolicy:
     """The evaluation pool's policy interface; w selects the mode: −1 the mixture by P(part | s), k ≥ 0 part k."""
     device, action_dim = torch.device("cpu"), 0
@@ -92,13 +117,14 @@ class PartsPolicy:
         return torch.as_tensor(out)
 
 
-def model_vs_parts(path: str, obs, parts, agents, sources, states: int = 512, n: int = 32, seed: int = 0) -> dict:
+def model_vs_parts(model, obs, parts, starts, agents, sources, states: int = 512, n: int = 32, seed: int = 0) -> dict:
     """Per part: mean over states of ‖mean of n model samples − the agent's mean action‖ and the model's mean
-    per-dimension spread (the mean action: a noisy agent's without noise; a stochastic agent's is not known)."""
-    from cepdist.algos.qgpo.config import SolverConfig
-    from cepdist.algos.qgpo.policy import load_policy
-    model = load_policy(path, "cep", seed=seed, solver=SolverConfig(steps=15, spacing="logSNR"))
+    per-dimension spread (the mean action: a noisy agent's without noise; a stochastic agent's is not known);
+    at first states, the share of samples near each part's action (`start_share`, radius → share)."""
     rng = np.random.default_rng(seed)
+    first = rng.choice(starts, min(256, len(starts)), replace=False)
+    with torch.no_grad():
+        a_first = model(torch.as_tensor(obs[first]), w=0.0, n=64)
     out = {}
     for k, (agent, src) in enumerate(zip(agents, sources)):
         idx = rng.choice(np.flatnonzero(parts == k), states, replace=False)
@@ -106,8 +132,11 @@ def model_vs_parts(path: str, obs, parts, agents, sources, states: int = 512, n:
         with torch.no_grad():
             a = model(s, w=0.0, n=n)                                     # [states, n, d]
         mean_action = torch.as_tensor(agent(obs[idx]), dtype=torch.float32)
+        d_first = (a_first - torch.as_tensor(agent(obs[first]), dtype=torch.float32)[:, None]).norm(dim=-1)
         out[src.describe()] = {"distance_to_agent": float((a.mean(1) - mean_action).norm(dim=-1).mean()),
-                               "model_spread": float(a.std(1).mean()), "part_spread": src.noise}
+                               "model_spread": float(a.std(1).mean()), "part_spread": src.noise,
+                               "start_share": {str(r): float((d_first < r).float().mean()) for r in (0.1, 0.3, 1.0)},
+                               "data_start_share": float(np.mean(parts[starts] == k))}
     return out
 
 
@@ -132,6 +161,8 @@ def main():
     path = datasets.local_path(task, Path(a.data_root))
     with h5py.File(path, "r") as f:
         obs = f["observations"][:]
+        ends = f["terminals"][:] | f["timeouts"][:]
+    starts = np.r_[0, np.flatnonzero(ends[:-1]) + 1]
     n_parts = len(sources)
     if len(obs) % n_parts:
         raise SystemExit(f"{path}: {len(obs)} rows do not split into {n_parts} equal parts")
@@ -144,12 +175,25 @@ def main():
     root = policy_dir(a.policy_dir)
     agents = [AgentPolicy(s.policy, env, root, e.action_space, e.observation_space, s.stochastic) for s in sources]
     names = [s.describe() for s in sources]
+    from cepdist.algos.qgpo.config import SolverConfig
+    from cepdist.algos.qgpo.policy import load_policy
     models = {}
     for b in a.behavior:
-        models[b] = model_vs_parts(b, obs, parts, agents, sources)
-        print(f"{b}: " + "; ".join(f"{n}: distance to the agent {m['distance_to_agent']:.3f}, spread "
-                                   f"{m['model_spread']:.3f} (the part's {m['part_spread']:g})"
-                                   for n, m in models[b].items()), flush=True)
+        model = load_policy(b, "cep", seed=0, solver=SolverConfig(steps=15, spacing="logSNR"))   # `local`'s sampler
+        parts_m = model_vs_parts(model, obs, parts, starts, agents, sources)
+        track = PartTracker(model, classify, n_parts)
+        seed = a.seeds[0]
+        res = evaluate(track, task, [0.0], a.val_episodes + a.episodes, seed=EVAL_SEED + seed,
+                       pairs=[(0, ep) for ep in range(a.val_episodes, a.val_episodes + a.episodes)])
+        sc = res.normalized[0, a.val_episodes:]
+        models[b] = {"parts": parts_m, "seed": seed, "w0": sc.tolist(), "episodes_in_part": track.at()}
+        print(f"{b}: w = 0 {sc.mean():.1f} ± {sc.std() / np.sqrt(len(sc)):.1f} (seed {seed}); episodes per part after "
+              + ", ".join(f"{t} steps {c}" for t, c in track.at().items()), flush=True)
+        for n, m in parts_m.items():
+            print(f"  {n}: distance to the agent {m['distance_to_agent']:.3f}, spread {m['model_spread']:.3f} (the "
+                  f"part's {m['part_spread']:g}); at first states within 0.1 / 0.3 / 1.0 of its action "
+                  + " / ".join(f"{v:.3f}" for v in m["start_share"].values())
+                  + f" (its share of the episodes {m['data_start_share']:.3f})", flush=True)
     modes = [-1.0] + [float(k) for k in range(n_parts)]
     rows = []
     for seed in a.seeds:
@@ -157,16 +201,18 @@ def main():
         pol = PartsPolicy(agents, [s.noise for s in sources], classify, e.action_space.shape[0], seed)
         eps = range(a.val_episodes, a.val_episodes + a.episodes)
         t0 = time.perf_counter()
-        res = evaluate(pol, task, modes, a.val_episodes + a.episodes, seed=EVAL_SEED + seed,
+        mixture = PartTracker(pol, classify, n_parts, only_w=-1.0)
+        res = evaluate(mixture, task, modes, a.val_episodes + a.episodes, seed=EVAL_SEED + seed,
                        pairs=[(i, ep) for i in range(len(modes)) for ep in eps])
         sc = res.normalized[:, a.val_episodes:]
         share = (pol.counts / max(pol.counts.sum(), 1)).tolist()
         rows.append({"seed": seed, "mixture": sc[0].tolist(), "parts": {n: sc[1 + k].tolist()
                                                                            for k, n in enumerate(names)},
-                     "mixture_part_share": dict(zip(names, share))})
+                     "mixture_part_share": dict(zip(names, share)), "mixture_episodes_in_part": mixture.at()})
         print(f"seed {seed}: mixture {sc[0].mean():5.1f} ± {sc[0].std() / np.sqrt(sc.shape[1]):.1f} (parts drawn "
               + ", ".join(f"{n} {s:.2f}" for n, s in zip(names, share)) + ")  "
               + "  ".join(f"{n} alone {sc[1 + k].mean():5.1f}" for k, n in enumerate(names))
+              + f"; mixture's episodes per part after " + ", ".join(f"{t} steps {c}" for t, c in mixture.at().items())
               + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
     mix = np.array([r["mixture"] for r in rows])
     per_seed = mix.mean(1)

@@ -50,6 +50,17 @@ def test_guided_policy_beats_behaviour_cloning(trained):
 
 
 @pytest.mark.slow
+def test_the_policy_temperature_scales_its_starting_noise(trained):
+    _, out = trained
+    s = torch.tensor(np.random.default_rng(2).uniform(-1, 1, (500, 2)), dtype=torch.float32)
+    z = torch.randn(len(s), 1, 2, generator=torch.Generator().manual_seed(0))
+    exact = load_policy(out / "behavior.pt", "cep", seed=0)
+    cold = load_policy(out / "behavior.pt", "cep", seed=0, temperature=0.4)
+    assert torch.allclose(cold(s, w=0.0, x_init=z), exact(s, w=0.0, x_init=0.4 * z))
+    assert not torch.allclose(cold(s, w=0.0, x_init=z), exact(s, w=0.0, x_init=z), atol=1e-2)
+
+
+@pytest.mark.slow
 def test_checkpoints_are_weights_only_and_reload_identically(trained):
     policy, out = trained
     for name in ("behavior.pt", "support.pt", "q.pt", "energy.pt"):

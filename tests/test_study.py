@@ -38,6 +38,11 @@ def test_q_is_shared_across_beta_and_method_and_energy_is_per_trial():
     assert [t.keys for t in trials(quiet)] == [t.keys for t in ts]
     other = trials(load_study(s, {"base": {"behavior": {"schedule": {"beta_max": 10}}}}))
     assert all(a.keys[k] != b.keys[k] for a, b in zip(ts, other) for k in a.keys)
+    # the policy's temperature changes only what is evaluated: every trained stage is reused
+    cold = trials(load_study(s, {"base": {"temperature": 0.5}}))
+    assert all((a.keys[k] != b.keys[k]) == (k == "evaluation") for a, b in zip(ts, cold) for k in a.keys)
+    with pytest.raises(ValueError, match=r"temperature.*> 0"):
+        load_study(s, {"base": {"temperature": 0.0}})
 
 
 def test_grid_axes_default_to_the_base_config_and_task_defaults():

@@ -187,15 +187,18 @@ def make_guidance(method: str, energy: EnergyNet | None = None, value=None, **an
 def guided_sample(behavior: ScoreNet, plan: SolverPlan, states: torch.Tensor | None, n: int,
                   guidance: Guidance | None = None, w: float = 0.0,
                   generator: torch.Generator | None = None, device=None,
-                  x_init: torch.Tensor | None = None) -> torch.Tensor:
+                  x_init: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Draw n actions per state: returns [B, n, a_dim] (or [n, a_dim] when states is None).
 
     All states × samples go through the solver in one batch; the behaviour model's and the energy
     model's time/state conditions are computed once per call for all solver times. x_init, if given,
-    is the starting noise (shape as returned) instead of a draw from `generator`."""
+    is the starting noise (shape as returned) instead of a draw from `generator`. `temperature` scales the
+    starting noise (< 1: colder samples, drawn towards the distribution's modes; 1: exact)."""
     device = device or next(behavior.parameters()).device
     shape = (n, behavior.action_dim) if states is None else (states.shape[0], n, behavior.action_dim)
     x = torch.randn(shape, device=device, generator=generator) if x_init is None else x_init.to(device)
+    if temperature != 1.0:
+        x = temperature * x
     guidance = guidance or Guidance()
     ctx = torch.no_grad() if (guidance.needs_autograd and not is_zero(w)) else torch.inference_mode()
     with ctx:

@@ -31,17 +31,18 @@ def run_pairs(payload: dict, task_name: str, scales, episodes, seed, pairs=None,
 
 
 def policy_payload(behavior: dict, method: str, solver: SolverConfig, *, energy: dict | None = None,
-                   q: dict | None = None, beta: float | None = None, analytic: dict | None = None) -> dict:
+                   q: dict | None = None, beta: float | None = None, analytic: dict | None = None,
+                   temperature: float = 1.0) -> dict:
     """What an actor needs to rebuild the guided policy: checkpoint dicts (tensors) and settings."""
     return {"behavior": behavior, "method": method, "solver": solver, "energy": energy, "q": q, "beta": beta,
-            "analytic": analytic}
+            "analytic": analytic, "temperature": temperature}
 
 
 def policy_from_payload(p: dict):
     if "iql" in p:                           # the IQL baseline: {"iql": its checkpoint}
         return IQLPolicy(load_iql(p["iql"]))
     return load_policy(p["behavior"], p["method"], energy=p["energy"], q=p["q"], beta=p["beta"],
-                       solver=p["solver"], analytic=p.get("analytic"))
+                       solver=p["solver"], analytic=p.get("analytic"), temperature=p["temperature"])
 
 
 class EvalPool:

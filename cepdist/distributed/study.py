@@ -224,7 +224,8 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] |
                                               "snapshot_every": study.eval_every})
         policy = {"energy": keys["energy"]}
     keys["evaluation"] = stage_key("evaluation", {**policy, "method": cfg.energy.method, "scales": scales,
-                                                  "sampler": to_dict(cfg.sampler), "episodes": study.eval_episodes,
+                                                  "sampler": to_dict(cfg.sampler), "temperature": cfg.temperature,
+                                                  "episodes": study.eval_episodes,
                                                   "val_episodes": study.validation_episodes,
                                                   "max_steps": max_steps, "eval_every": study.eval_every})
     # evaluated at every eval_every steps of the policy's last stage (energy) and at its end; dps and

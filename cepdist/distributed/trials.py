@@ -247,12 +247,13 @@ def _evaluate(ctx: Context, key: str):
                 analytic = analytic_options(t.config.energy, load_behavior(behavior),
                                             load_data(t.task, ctx.study.data_root)[0], t.seed)
                 payload = policy_payload(behavior, t.method, t.config.sampler, q=fetch(uri, t.keys["q"]),
-                                         beta=t.beta, analytic=analytic)
+                                         beta=t.beta, analytic=analytic, temperature=t.config.temperature)
                 metrics = {}
             else:
                 final = step == t.config.energy.steps
                 energy = fetch(uri, t.keys["energy"], "artifact.pt" if final else f"step-{step}.pt")
-                payload = policy_payload(behavior, t.method, t.config.sampler, energy=energy)
+                payload = policy_payload(behavior, t.method, t.config.sampler, energy=energy,
+                                         temperature=t.config.temperature)
                 metrics = store.get_json(t.keys["energy"], f"step-{step}.json")
             t0 = time.perf_counter()
             # one lockstep pass over both episode sets: the first n_val episodes (their own reset seeds) are

@@ -103,6 +103,9 @@ class QGPOConfig:
     q: QConfig = field(default_factory=QConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     sampler: SolverConfig = field(default_factory=SolverConfig)
+    # the policy's starting noise scale (1: the reference, an exact sample of the guided distribution; < 1:
+    # colder, drawn towards its modes). Support actions always sample the behaviour model at 1.
+    temperature: float = 1.0
 
 
 def check(cfg: QGPOConfig, where: str = "") -> list[str]:
@@ -138,6 +141,7 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     need(cfg.support.batch_states >= 1, "support.batch_states", "≥ 1")
     solver(cfg.support.solver, "support.solver")
     solver(cfg.sampler, "sampler")
+    need(cfg.temperature > 0, "temperature", "> 0 (the policy's starting noise scale; 1: exact)")
     need(len(cfg.q.hidden) > 0 and len(cfg.energy.hidden) > 0, "q.hidden and energy.hidden", "non-empty")
     need(0 < cfg.q.gamma <= 1, "q.gamma", "in (0, 1]")
     need(0 < cfg.q.tau <= 1, "q.tau", "in (0, 1]")

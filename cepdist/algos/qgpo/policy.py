@@ -24,12 +24,13 @@ class GuidedPolicy:
 
     def __init__(self, behavior: ScoreNet, method: str = "cep", *, energy: EnergyNet | None = None,
                  q: TwinQ | None = None, beta: float | None = None, solver: SolverConfig | None = None,
-                 seed: int = 0, analytic: dict | None = None):
+                 seed: int = 0, analytic: dict | None = None, temperature: float = 1.0):
         """analytic: the estimator options of dps (max_var) and aepo-analytic (covariance, order, iso_table,
-        max_var), from `analytic_options`."""
+        max_var), from `analytic_options`. temperature: the scale of the starting noise (QGPOConfig.temperature)."""
         self.behavior = behavior.eval()
         self.schedule = behavior.schedule
         self.solver = solver or SolverConfig()
+        self.temperature = temperature
         self.method = check_method(method)
         self.guidance: Guidance | None = None
         if method in VALUE_METHODS and q is not None:
@@ -62,17 +63,18 @@ class GuidedPolicy:
         elif w != 0 and self.guidance is None:
             raise ValueError("guidance scale w ≠ 0 needs a trained energy model (or Q for dps)")
         a = guided_sample(self.behavior, self.plan(solver or self.solver), states, n, self.guidance, w,
-                          generator=self.generator, x_init=x_init)
+                          generator=self.generator, x_init=x_init, temperature=self.temperature)
         return a[:, 0] if n == 1 else a
 
 
 def load_policy(behavior, method: str, *, energy=None, q=None, beta: float | None = None,
-                solver: SolverConfig | None = None, seed: int = 0, analytic: dict | None = None) -> GuidedPolicy:
+                solver: SolverConfig | None = None, seed: int = 0, analytic: dict | None = None,
+                temperature: float = 1.0) -> GuidedPolicy:
     """A guided policy from checkpoint files or loaded checkpoint dicts (energy for cep/mse/aepo, q for
     dps/aepo-analytic)."""
     return GuidedPolicy(load_behavior(behavior), method, energy=None if energy is None else load_energy(energy),
                         q=None if q is None else load_q(q), beta=beta, solver=solver, seed=seed,
-                        analytic=analytic)
+                        analytic=analytic, temperature=temperature)
 
 
 def analytic_options(cfg: EnergyConfig, behavior: ScoreNet, data: Transitions, seed: int = 0) -> dict | None:
@@ -103,4 +105,5 @@ def run_qgpo(cfg: QGPOConfig, data: Transitions, out_dir: Path | None = None,
         energy = train_energy(cfg.energy, q, support, data, behavior.schedule, behavior=behavior, seed=cfg.seed,
                               ckpt_path=path("energy.pt"), callback=callback)
     return GuidedPolicy(behavior, cfg.energy.method, energy=energy, q=q, beta=cfg.energy.beta, solver=cfg.sampler,
-                        seed=cfg.seed, analytic=analytic_options(cfg.energy, behavior, data, cfg.seed))
+                        seed=cfg.seed, analytic=analytic_options(cfg.energy, behavior, data, cfg.seed),
+                        temperature=cfg.temperature)
