@@ -176,6 +176,8 @@ def test_report_end_to_end_from_a_platform_study(tmp_path, caplog):
     final_q = diag[diag.step == diag.step.max()].q_mean.mean()
     assert f"| hopper-random-local | 3 | 4 | 2 | {final_q:.3g} |" in index and "(1.386) | yes |" in index, index
     assert f"Wall time {summary['wall_seconds'] / 3600:.2f} h over 1 invocation(s) (finished" in index, index
+    sp = study.base.sampler                  # the policy sampler, which the table has no column for
+    assert f"Policy sampler: {sp.steps} steps, {sp.spacing}, order {sp.order}; temperature 1." in index, index
     bad = subprocess.run([sys.executable, "-m", "cepdist", "report", "--study", "nope"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no results table at results/nope/results.parquet" in bad.stderr

@@ -75,7 +75,15 @@ def compute_section(study_json: Path) -> list[str]:
     if not study_json.is_file():
         return []
     s = json.loads(study_json.read_text())
-    lines = ["## Compute", ""]
+    lines = []
+    base = s.get("config", {}).get("base")
+    if base and "sampler" in base:           # policy settings that results depend on but the table has no column for
+        sp = base["sampler"]
+        t = base.get("temperature", 1.0)
+        lines += [f"Policy sampler: {sp['steps']} steps, {sp['spacing']}, order {sp['order']}; temperature {t:g}"
+                  + ("" if t == 1 else " (the starting noise scaled: colder than the behaviour model's own "
+                     "distribution, so w = 0 is not an exact sample of it)") + ".", ""]
+    lines += ["## Compute", ""]
     if "wall_seconds" in s:
         inv = s["invocations"]
         outcomes = ", ".join(f"{r['outcome']} {r['seconds'] / 60:.0f} min" for r in inv)

@@ -26,6 +26,7 @@ import ray
 from ray import tune
 from ray.tune import Callback, Stopper
 
+from ..config import to_dict
 from ..data.datasets import d4rl_dir
 from ..envs.generate import ensure_datasets
 from .results import write_table
@@ -388,7 +389,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     reconcile_runs(study, all_trials, store, tracker, kind.metrics)
     df = kind.write_table(store, study.name, all_trials, out / "results.parquet")
     mine = [e for e in store.executions() if e.get("run") == run_id]
-    summary = {"study": study.name, "ident": ident, "trials": len(all_trials),
+    summary = {"study": study.name, "ident": ident, "config": to_dict(study), "trials": len(all_trials),
                "results_table": str(out / "results.parquet"),
                "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
                "executions": {s: n for s in kind.stages
