@@ -69,8 +69,8 @@ def build(results: Path, out: Path, fixed_scale: float | None = None, seed: int 
 
 
 def compute_section(study_json: Path) -> list[str]:
-    """The study's wall time over its invocations and its compute per stage, from the study.json the driver
-    writes beside the results table (absent: nothing)."""
+    """The study's policy sampler and temperature, its wall time over its invocations and its compute per stage,
+    from the study.json the driver writes beside the results table (absent: nothing)."""
     import json
     if not study_json.is_file():
         return []

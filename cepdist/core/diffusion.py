@@ -68,10 +68,9 @@ class VPSchedule:
 
 
 def denoising_loss(raw_model, x0: torch.Tensor, cond, schedule: VPSchedule,
-                   generator=None, t_sampling: str = "time_uniform") -> torch.Tensor:
-    """Reference ε-loss: E‖raw(x_t, t, s) + ε‖², summed over action dims, averaged over the batch; t drawn
-    by `t_sampling` (VPSchedule.sample_t's spacing; the reference: uniform in t)."""
-    t = schedule.sample_t(x0.shape[0], device=x0.device, generator=generator, spacing=t_sampling)
+                   generator=None) -> torch.Tensor:
+    """Reference ε-loss: E‖raw(x_t, t, s) + ε‖², summed over action dims, averaged over the batch."""
+    t = schedule.sample_t(x0.shape[0], device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     xt = schedule.noise(x0, t, eps)
     raw = raw_model(xt, t, cond)

@@ -193,7 +193,7 @@ def guided_sample(behavior: ScoreNet, plan: SolverPlan, states: torch.Tensor | N
     All states × samples go through the solver in one batch; the behaviour model's and the energy
     model's time/state conditions are computed once per call for all solver times. x_init, if given,
     is the starting noise (shape as returned) instead of a draw from `generator`. `temperature` scales the
-    starting noise (< 1: colder samples, drawn towards the distribution's modes; 1: exact)."""
+    starting noise (1: exact; < 1: a colder, narrower sample, no longer exact)."""
     device = device or next(behavior.parameters()).device
     shape = (n, behavior.action_dim) if states is None else (states.shape[0], n, behavior.action_dim)
     x = torch.randn(shape, device=device, generator=generator) if x_init is None else x_init.to(device)

@@ -103,8 +103,9 @@ class QGPOConfig:
     q: QConfig = field(default_factory=QConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     sampler: SolverConfig = field(default_factory=SolverConfig)
-    # the policy's starting noise scale (1: the reference, an exact sample of the guided distribution; < 1:
-    # colder, drawn towards its modes). Support actions always sample the behaviour model at 1.
+    # the policy's starting noise scale (1: the reference, an exact sample of the guided distribution; < 1: a
+    # colder, narrower sample that is no longer exact: on the *-local files it drops the data's action noise,
+    # README "Why guidance does not help yet", point 14). Support actions always sample the behaviour model at 1.
     temperature: float = 1.0
 
 
