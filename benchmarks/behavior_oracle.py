@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 from cepdist.data import datasets
 from cepdist.data.tasks import get_task
+from cepdist.distributed.presets import preset
+from cepdist.distributed.study import EVAL_SEED_OFFSET
 from cepdist.envs.environments import make_env
 from cepdist.envs.evaluation import evaluate
 from cepdist.envs.generate import AgentPolicy, env_level, level_sources, policy_dir
 
-EVAL_SEED = 10_000                  # the study's evaluation seed offset (distributed/trials.py)
 
 
 def part_classifier(obs: np.ndarray, parts: np.ndarray, n_parts: int, steps: int, seed: int):
@@ -175,15 +176,14 @@ def main():
     root = policy_dir(a.policy_dir)
     agents = [AgentPolicy(s.policy, env, root, e.action_space, e.observation_space, s.stochastic) for s in sources]
     names = [s.describe() for s in sources]
-    from cepdist.algos.qgpo.config import SolverConfig
     from cepdist.algos.qgpo.policy import load_policy
     models = {}
     for b in a.behavior:
-        model = load_policy(b, "cep", seed=0, solver=SolverConfig(steps=15, spacing="logSNR"))   # `local`'s sampler
+        model = load_policy(b, "cep", seed=0, solver=preset("local").base.sampler)     # sampled as the study samples
         parts_m = model_vs_parts(model, obs, parts, starts, agents, sources)
         track = PartTracker(model, classify, n_parts)
         seed = a.seeds[0]
-        res = evaluate(track, task, [0.0], a.val_episodes + a.episodes, seed=EVAL_SEED + seed,
+        res = evaluate(track, task, [0.0], a.val_episodes + a.episodes, seed=EVAL_SEED_OFFSET + seed,
                        pairs=[(0, ep) for ep in range(a.val_episodes, a.val_episodes + a.episodes)])
         sc = res.normalized[0, a.val_episodes:]
         models[b] = {"parts": parts_m, "seed": seed, "w0": sc.tolist(), "episodes_in_part": track.at()}
@@ -202,7 +202,7 @@ def main():
         eps = range(a.val_episodes, a.val_episodes + a.episodes)
         t0 = time.perf_counter()
         mixture = PartTracker(pol, classify, n_parts, only_w=-1.0)
-        res = evaluate(mixture, task, modes, a.val_episodes + a.episodes, seed=EVAL_SEED + seed,
+        res = evaluate(mixture, task, modes, a.val_episodes + a.episodes, seed=EVAL_SEED_OFFSET + seed,
                        pairs=[(i, ep) for i in range(len(modes)) for ep in eps])
         sc = res.normalized[:, a.val_episodes:]
         share = (pol.counts / max(pol.counts.sum(), 1)).tolist()

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from cepdist.data import datasets
+from cepdist.distributed.study import EVAL_SEED_OFFSET
 from cepdist.envs.environments import make_env
 
-EVAL_SEED = 10_000                  # the study's evaluation seed offset (distributed/trials.py)
 
 
 def evaluate(iql, task, seed: int, n_val: int, episodes: int) -> list[float]:
     """Normalised scores of the study's test episodes of this seed (reset seeds after its validation ones)."""
-    base = (EVAL_SEED + seed) * 100_003
+    base = (EVAL_SEED_OFFSET + seed) * 100_003
     scores = []
     for e in range(n_val, n_val + episodes):
         env = make_env(task, task.episode_length)

@@ -27,7 +27,7 @@ from ..algos.edis.config import EDISConfig, check as check_edis
 from ..config import Errors, replace, to_dict
 from ..data.tasks import get_task
 from .store import ArtifactStore, stage_key
-from .study import _data_id, _key_cfg, dataset_file
+from .study import EVAL_SEED_OFFSET, _data_id, _key_cfg, dataset_file
 from .tracking import DEFAULT_URI
 
 ARMS = ("edis", "plain")
@@ -184,7 +184,7 @@ def _online(ctx, key: str):
         payload = {"iql": {"config": to_dict(t.config.iql), "state_dim": data.state_dim,
                            "action_dim": data.action_dim, "agent": {k: v.cpu() for k, v in ag.state_dict().items()}}}
         e0 = time.perf_counter()
-        res = pool.evaluate(payload, t.task, [0.0], ctx.study.eval_episodes, seed=10_000 + t.seed,
+        res = pool.evaluate(payload, t.task, [0.0], ctx.study.eval_episodes, seed=EVAL_SEED_OFFSET + t.seed,
                             max_steps=t.max_steps)
         entry = {"online_step": step, "scores": res.normalized[0].tolist(), "returns": res.returns[0].tolist(),
                  "lengths": res.lengths[0].tolist(), "dataset_score": dataset_score,

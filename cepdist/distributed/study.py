@@ -39,6 +39,8 @@ STAGES = ("behavior", "support", "q", "energy", "iql", "evaluation")
 HYPER = ("task", "seed", "beta", "K", "steps", "method")      # what the search space holds per trial
 ALGORITHMS = ("qgpo", "iql")
 BASELINE = {"beta": 0.0, "K": 0, "steps": 0}                 # a baseline trial's QGPO axes (none apply)
+# a trial's evaluation episodes reset from seed EVAL_SEED_OFFSET + its seed: validation episodes first, then test
+EVAL_SEED_OFFSET = 10_000
 
 
 @dataclass

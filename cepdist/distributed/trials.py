@@ -38,7 +38,7 @@ from ..core.guidance import VALUE_METHODS
 from ..data.transitions import Transitions
 from .pool import EvalPool, policy_payload
 from .store import ArtifactStore
-from .study import StudyConfig, Trial, dataset_file, hyper_id
+from .study import EVAL_SEED_OFFSET, StudyConfig, Trial, dataset_file, hyper_id
 from .train import PERMANENT, run_data_parallel
 
 log = logging.getLogger("cepdist")
@@ -259,7 +259,7 @@ def _evaluate(ctx: Context, key: str):
             # one lockstep pass over both episode sets: the first n_val episodes (their own reset seeds) are
             # for selecting hyperparameters such as w, the rest are the test episodes that are reported
             n_val = ctx.study.validation_episodes
-            res = pool.evaluate(payload, t.task, t.scales, n_val + ctx.study.eval_episodes, seed=10_000 + t.seed,
+            res = pool.evaluate(payload, t.task, t.scales, n_val + ctx.study.eval_episodes, seed=EVAL_SEED_OFFSET + t.seed,
                                 max_steps=t.max_steps)
             seconds = time.perf_counter() - t0
             sets = {name: {"returns": res.returns[:, part].tolist(), "scores": res.normalized[:, part].tolist(),
