@@ -33,17 +33,25 @@ from cepdist.envs.evaluation import evaluate
 
 
 def data_agent(task, policy_dir_=None, seed: int = 0):
-    """The agent that generated a *-medium-local file, sampling as it did (its own action distribution)."""
+    """The agent that generated a *-medium-local file, acting as it did there: its own action distribution, or
+    its action plus the file's Gaussian action noise, clipped to the bounds."""
     from cepdist.envs.environments import make_env
     from cepdist.envs.generate import MEDIUM, AgentPolicy, env_level, policy_dir
     env, level = env_level(task)
-    if level != "medium" or MEDIUM[env].noise:
-        raise SystemExit(f"{task.name}: needs a *-medium-local task whose agent samples its own actions "
-                         "(no added action noise)")
+    if level != "medium":
+        raise SystemExit(f"{task.name}: --proposal agent/mixed needs a *-medium-local task (one agent)")
     src, e = MEDIUM[env], make_env(task)
     torch.manual_seed(seed)                                 # the agent samples from torch's global generator
-    return AgentPolicy(src.policy, env, policy_dir(policy_dir_), e.action_space, e.observation_space,
-                       stochastic=src.stochastic)
+    agent = AgentPolicy(src.policy, env, policy_dir(policy_dir_), e.action_space, e.observation_space,
+                        stochastic=src.stochastic)
+    if not src.noise:
+        return agent
+    rng, low, high = np.random.default_rng(seed), e.action_space.low, e.action_space.high
+
+    def noisy(obs):
+        act = agent(obs)
+        return np.clip(act + src.noise * rng.standard_normal(act.shape), low, high)
+    return noisy
 
 
 class Resampling:

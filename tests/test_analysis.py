@@ -127,6 +127,9 @@ def test_report_end_to_end_from_a_platform_study(tmp_path, caplog):
     ray.shutdown()
     # one progress line per finished unit: count, the running stages (share done, pace), an ETA
     lines = [r.getMessage() for r in caplog.records]
+    # the start line says which Ray instance runs it (ray.init may join one the user did not mean)
+    assert any(re.match(r"study report-e2e: 2 trials \| Ray [\d.]+:\d+ \(2 CPU, 0 GPU, 1 node\(s\)\) \| store ", l)
+               for l in lines), lines
     assert any(re.fullmatch(r"\[behavior phase\] 1/2 done \| running: .+ \| ETA .+ \| .+ elapsed", l)
                for l in lines), lines
     assert "[policy phase] 2/2 done | running: – | ETA 0m00s" in "\n".join(lines), lines

@@ -380,8 +380,12 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     tracker = MLflowTracker(study.mlflow_uri, study.name)
     ident = study_ident(study.name, all_trials)
     earlier = wall_time(store, ident, all_trials)
-    log.info("study %s: %d trials | store %s | MLflow %s%s", study.name, len(all_trials), study.store,
-             study.mlflow_uri, f" | {len(earlier['invocations'])} earlier invocation(s), {_fmt(earlier['wall_seconds'])}"
+    # which Ray it runs on: with no RAY_ADDRESS, ray.init joins the latest `ray start` instance on this machine
+    res, alive = ray.cluster_resources(), sum(n.get("Alive", False) for n in ray.nodes())
+    log.info("study %s: %d trials | Ray %s (%g CPU, %g GPU, %d node(s)) | store %s | MLflow %s%s", study.name,
+             len(all_trials), ray.get_runtime_context().gcs_address, res.get("CPU", 0), res.get("GPU", 0), alive,
+             study.store, study.mlflow_uri,
+             f" | {len(earlier['invocations'])} earlier invocation(s), {_fmt(earlier['wall_seconds'])}"
              if earlier["invocations"] else "")
     t0 = time.perf_counter()
     with invocation(store, ident, run_id), Interrupts() as interrupts:
