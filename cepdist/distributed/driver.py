@@ -361,8 +361,9 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose,
                  logging_level=logging.INFO if verbose else logging.ERROR)
-    check_resources(study, ray.cluster_resources(), ray.nodes())
-    check_worker_code(ray.nodes())
+    resources, nodes = ray.cluster_resources(), ray.nodes()
+    check_resources(study, resources, nodes)
+    check_worker_code(nodes)
     if missing:                                      # datasets to generate need a writable data root
         root = Path(study.data_root) if study.data_root else d4rl_dir()
         try:
@@ -381,9 +382,9 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     ident = study_ident(study.name, all_trials)
     earlier = wall_time(store, ident, all_trials)
     # which Ray it runs on: with no RAY_ADDRESS, ray.init joins the latest `ray start` instance on this machine
-    res, alive = ray.cluster_resources(), sum(n.get("Alive", False) for n in ray.nodes())
     log.info("study %s: %d trials | Ray %s (%g CPU, %g GPU, %d node(s)) | store %s | MLflow %s%s", study.name,
-             len(all_trials), ray.get_runtime_context().gcs_address, res.get("CPU", 0), res.get("GPU", 0), alive,
+             len(all_trials), ray.get_runtime_context().gcs_address, resources.get("CPU", 0), resources.get("GPU", 0),
+             sum(n.get("Alive", False) for n in nodes),
              study.store, study.mlflow_uri,
              f" | {len(earlier['invocations'])} earlier invocation(s), {_fmt(earlier['wall_seconds'])}"
              if earlier["invocations"] else "")
