@@ -37,15 +37,13 @@ class PathGuidance(EnergyGuidance):
         self.t_max, self.log = t_max, None
 
     def guided(self, behavior, x, conds_k, pc, k, plan, w, s):
-        eps = -behavior.trunk(x, conds_k)
-        if self.log is None and self.t_max is not None and plan.times[k] > self.t_max:
-            return eps
-        g = self.energy.grad_action(x, pc[k])
-        if self.log is not None:
+        if self.log is not None:            # a measuring pass: guidance everywhere, its size recorded
+            g = self.energy.grad_action(x, pc[k])
             self.log.append({"t": plan.times[k], "guidance": float((plan.sigmas[k] * g).norm(dim=-1).mean()),
-                             "eps": float(eps.norm(dim=-1).mean())})
-        return eps - g * (w * plan.sigmas[k])
-
+                             "eps": float(behavior.trunk(x, conds_k).norm(dim=-1).mean())})
+        elif self.t_max is not None and plan.times[k] > self.t_max:
+            return -behavior.trunk(x, conds_k)
+        return super().guided(behavior, x, conds_k, pc, k, plan, w, s)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
