@@ -162,7 +162,7 @@ def test_a_studys_wall_time_includes_earlier_configurations_that_computed_its_st
     """An evaluation grid changed after the models were trained makes a new study identity; the invocations
     that trained them (even one that finished no stage) stay in its wall time, an unrelated study's do not."""
     from types import SimpleNamespace
-    from cepdist.distributed.driver import wall_time
+    from cepdist.distributed.driver import used_executions, wall_time
     st = ArtifactStore(tmp_path / "store")
     for study, run, started, seconds in (("s-old", "r1", 1, 3600), ("s-old", "r2", 2, 120), ("s-new", "r3", 3, 900),
                                          ("other", "r4", 0, 5000)):
@@ -171,7 +171,8 @@ def test_a_studys_wall_time_includes_earlier_configurations_that_computed_its_st
     st.record_execution("evaluation-b", {"stage": "evaluation", "run": "r3"})
     st.record_execution("behavior-z", {"stage": "behavior", "run": "r4"})
     new = [SimpleNamespace(keys={"behavior": "behavior-a", "evaluation": "evaluation-b"})]
-    w = wall_time(st, "s-new", new)
+    w = wall_time(st, "s-new", used_executions(st, new))
     assert w["wall_seconds"] == 3600 + 120 + 900
     assert [(r["study"], r["seconds"]) for r in w["invocations"]] == [("s-old", 3600), ("s-old", 120), ("s-new", 900)]
-    assert wall_time(st, "s-fresh", [SimpleNamespace(keys={"behavior": "behavior-q"})])["wall_seconds"] == 0
+    fresh = [SimpleNamespace(keys={"behavior": "behavior-q"})]
+    assert wall_time(st, "s-fresh", used_executions(st, fresh))["wall_seconds"] == 0

@@ -380,7 +380,7 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
     run_id = uuid.uuid4().hex                        # tags this invocation's stage executions
     tracker = MLflowTracker(study.mlflow_uri, study.name)
     ident = study_ident(study.name, all_trials)
-    earlier = wall_time(store, ident, all_trials)
+    earlier = wall_time(store, ident, used_executions(store, all_trials))
     # which Ray it runs on: with no RAY_ADDRESS, ray.init joins the latest `ray start` instance on this machine
     log.info("study %s: %d trials | Ray %s (%g CPU, %g GPU, %d node(s)) | store %s | MLflow %s%s", study.name,
              len(all_trials), ray.get_runtime_context().gcs_address, resources.get("CPU", 0), resources.get("GPU", 0),
@@ -393,14 +393,16 @@ def run_study(study: StudyConfig, out: Path | None = None, verbose: bool = False
         run_phases(study, all_trials, store, tracker, run_id, interrupts, verbose, kind.phases)
     reconcile_runs(study, all_trials, store, tracker, kind.metrics)
     df = kind.write_table(store, study.name, all_trials, out / "results.parquet")
-    mine = [e for e in store.executions() if e.get("run") == run_id]
+    executions = store.executions()
+    mine = [e for e in executions if e.get("run") == run_id]
+    used = used_executions(store, all_trials, executions)
     summary = {"study": study.name, "ident": ident, "config": to_dict(study), "trials": len(all_trials),
                "results_table": str(out / "results.parquet"),
                "rows": len(df), "store": study.store, "mlflow": f"mlflow ui --backend-store-uri {study.mlflow_uri}",
                "executions": {s: n for s in kind.stages
                               if (n := sum(e["stage"] == s for e in mine))},
-               "seconds": time.perf_counter() - t0, **wall_time(store, ident, all_trials),
-               "stage_seconds": stage_seconds(store, all_trials)}
+               "seconds": time.perf_counter() - t0, **wall_time(store, ident, used),
+               "stage_seconds": stage_seconds(used)}
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -440,13 +442,19 @@ def study_ident(name: str, ts: list[Trial]) -> str:
     return f"{name}-" + hashlib.sha256(json.dumps(sorted(t.keys["evaluation"] for t in ts)).encode()).hexdigest()[:12]
 
 
-def wall_time(store: ArtifactStore, ident: str, ts: list[Trial]) -> dict:
+def used_executions(store: ArtifactStore, ts: list[Trial], executions: list[dict] | None = None) -> list[dict]:
+    """The store's execution records of the stages these trials use (whichever invocation ran them)."""
+    keys = {k for t in ts for k in t.keys.values()}
+    return [e for e in (store.executions() if executions is None else executions) if e.get("key") in keys]
+
+
+def wall_time(store: ArtifactStore, ident: str, used: list[dict]) -> dict:
     """The study's wall time: the sum over its invocations (this one included) and over those of every other
-    configuration in the store an invocation of which computed a stage this study uses. So a study whose
-    evaluation grid changed after its models were trained keeps their training time in its total; a stage
-    shared with another study brings that study's whole time (an overstatement, never an understatement)."""
-    mine = {k for t in ts for k in t.keys.values()}
-    runs = {e.get("run") for e in store.executions() if e.get("key") in mine}
+    configuration in the store an invocation of which computed a stage this study uses (`used`, from
+    used_executions). So a study whose evaluation grid changed after its models were trained keeps their
+    training time in its total; a stage shared with another study brings that study's whole time (an
+    overstatement, never an understatement)."""
+    runs = {e.get("run") for e in used}
     groups = {s: store.invocations(s) for s in store.studies()}
     related = {ident} | {s for s, inv in groups.items() if any(r.get("run") in runs for r in inv)}
     inv = sorted(({**r, "study": s} for s in related for r in groups.get(s, [])), key=lambda r: r.get("started", 0))
@@ -494,14 +502,13 @@ def check_complete(store: ArtifactStore, phase: str, keys: list[str], done_file:
                                f"not finished (first: {missing[0]}); run the same command again to resume")
 
 
-def stage_seconds(store: ArtifactStore, ts: list[Trial]) -> dict[str, dict[str, float]]:
-    """Per stage, over this study's artifacts (whichever invocation computed them): count, mean and total wall
-    seconds of the run that finished each (not its earlier, interrupted runs), and where every execution has
-    it, the total CPU seconds (`cpu_total`; a training loop's carries its interrupted runs too)."""
-    mine = {k for t in ts for k in t.keys.values()}
+def stage_seconds(used: list[dict]) -> dict[str, dict[str, float]]:
+    """Per stage, over this study's execution records (`used`): count, mean and total wall seconds of the run
+    that finished each (not its earlier, interrupted runs), and where every execution has it, the total CPU
+    seconds (`cpu_total`; a training loop's carries its interrupted runs too)."""
     per: dict[str, list[tuple[float, float | None]]] = {}
-    for e in store.executions():
-        if e.get("key") in mine and "seconds" in e:
+    for e in used:
+        if "seconds" in e:
             per.setdefault(e["stage"], []).append((float(e["seconds"]), e.get("cpu_seconds")))
     out = {}
     for st, v in per.items():
