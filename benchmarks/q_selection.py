@@ -13,7 +13,8 @@ Real MuJoCo episodes; every β runs on the same reset seeds. Prints one line per
 
     python benchmarks/q_selection.py --behavior STORE/behavior-…/artifact.pt --q STORE/q-…/artifact.pt \\
         [--task hopper-medium-local --betas 0,1,3,10,30,inf --n 16 --episodes 10]
-    (--iql PATH instead of --q: an IQL agent's target critic)
+    (--iql PATH instead of --q: an IQL agent's target critic; --q A,B,C: an ensemble of Q stages, its value the
+    min over them (--ensemble mean: their mean), e.g. one support set's Q stage trained with several seeds)
 """
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ def data_agent(task, policy_dir_=None, seed: int = 0):
         act = agent(obs)
         return np.clip(act + src.noise * rng.standard_normal(act.shape), low, high)
     return noisy
+
+
+class Ensemble:
+    """Several critics as one: per action the min (pessimistic) or the mean of their Q̄ (each a min of twins)."""
+
+    def __init__(self, critics, how: str):
+        self.critics, self.reduce = critics, {"min": torch.amin, "mean": torch.mean}[how]
+
+    def min(self, a, s):
+        return self.reduce(torch.stack([c.min(a, s) for c in self.critics]), dim=0)
+
+    def requires_grad_(self, flag: bool):
+        for c in self.critics:
+            c.requires_grad_(flag)
+        return self
 
 
 class Resampling:
@@ -104,8 +120,10 @@ def main():
     ap.add_argument("--task", default="hopper-medium-local")
     ap.add_argument("--behavior", required=True, help="a behaviour stage artifact")
     crit = ap.add_mutually_exclusive_group(required=True)
-    crit.add_argument("--q", help="a Q stage artifact")
+    crit.add_argument("--q", help="a Q stage artifact, or several, comma-separated (an ensemble; see --ensemble)")
     crit.add_argument("--iql", help="an IQL stage artifact (its target critic; its Q is in scaled-reward units)")
+    ap.add_argument("--ensemble", choices=("min", "mean"), default="min",
+                    help="how several --q critics combine (min: pessimistic)")
     ap.add_argument("--betas", default="0,1,3,10,30,inf")
     ap.add_argument("--n", type=int, default=16, help="behaviour samples per state")
     ap.add_argument("--episodes", type=int, default=10)
@@ -127,7 +145,8 @@ def main():
         from cepdist.algos.iql import load_iql
         q = load_iql(args.iql).q_target
     else:
-        q = load_q(args.q)
+        paths = args.q.split(",")
+        q = load_q(paths[0]) if len(paths) == 1 else Ensemble([load_q(p) for p in paths], args.ensemble)
     betas = [float(b) for b in args.betas.split(",")]
     agent = data_agent(task, args.policy_dir, args.seed) if args.proposal in ("agent", "mixed") else None
     behavior = load_policy(args.behavior, "cep", seed=args.seed,
@@ -151,6 +170,7 @@ def main():
     out = Path(args.out or Path(__file__).parent / "results" / f"q_selection-{args.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"task": args.task, "behavior": args.behavior, "critic": args.q or f"iql:{args.iql}",
+                               "ensemble": args.ensemble if args.q and "," in args.q else None,
                                "n": args.n, "proposal": args.proposal,
                                "temperature": args.temperature, "solver_steps": args.solver_steps,
                                "solver_spacing": args.solver_spacing, "episodes": args.episodes, "seed": args.seed,
