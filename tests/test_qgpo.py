@@ -240,3 +240,44 @@ def test_a_diverging_loss_fails_the_stage_and_a_retry_keeps_the_last_good_checkp
         data.rewards[:] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"last good checkpoint: .*q\.pt \(step 100\)"):
         train_q(cfg.q, data, sup, ckpt_path=ck, callback=poison)
+
+
+def test_a_critic_ensemble_trains_each_twin_on_its_own_target_and_reads_the_min(tmp_path):
+    """q.members > 1: independent twin critics, member m's two heads regress r + γ·softmax-value of *its* twin
+    min at s'; Q̄ is the min over every head. members = 1 is the reference's twin loss, and its stage key is
+    the one it had before the setting existed."""
+    from cepdist.algos.qgpo.stages import load_q
+    from cepdist.algos.qgpo.config import check
+    from cepdist.core.nets import TwinQEnsemble
+    from cepdist.core.qlearning import in_support_target, q_loss
+    from cepdist.distributed.store import stage_key
+    from cepdist.distributed.study import _key_cfg
+    torch.manual_seed(0)
+    ens = TwinQEnsemble(2, 3, (16,), members=3)
+    a, s, nxt = torch.randn(5, 4, 2), torch.randn(5, 3), torch.randn(5, 2)
+    r, d = torch.randn(5), torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0])
+    per = torch.stack([torch.minimum(*t(a, s)) for t in ens.twins])            # [3, 5, 4]
+    assert torch.equal(ens.member_min(a, s), per) and torch.equal(ens.min(a, s), per.amin(0))
+    y = in_support_target(ens, a, s, r, d, 0.99, 2.0)
+    assert y.shape == (3, 5)
+    for m in range(3):
+        v = (torch.softmax(2.0 * per[m], -1) * per[m]).sum(-1)
+        assert torch.allclose(y[m], r + 0.99 * (1 - d) * v)
+    mse = [0.5 * sum(((h - y[m]) ** 2).mean() for h in t(nxt, s)) for m, t in enumerate(ens.twins)]
+    assert torch.allclose(q_loss(ens, nxt, s, y), sum(mse) / 3)
+    twin = ens.twins[0]
+    assert torch.allclose(q_loss(twin, nxt, s, y[:1]), mse[0])                # the reference's twin loss
+    assert torch.allclose(q_loss(twin, nxt, s, y[0]), mse[0])                 # one y for every head (IQL's)
+
+    assert "members" not in _key_cfg(QConfig()) and _key_cfg(QConfig(members=3))["members"] == 3
+    assert stage_key("q", {"cfg": _key_cfg(QConfig())}) == "q-e47887c5aaada35d"   # unchanged by the setting
+
+    data, _ = bandit_dataset(1000)
+    cfg = small_cfg(**{"q.steps": 60, "q.ckpt_every": 30, "q.members": 2, "behavior.steps": 20})
+    sup = generate_support(cfg.support, train_behavior(cfg.behavior, data.obs, data.actions), data)
+    q = train_q(cfg.q, data, sup, ckpt_path=tmp_path / "q.pt")
+    back = load_q(tmp_path / "q.pt")
+    assert isinstance(back, TwinQEnsemble) and back.members == 2
+    x = sup.at_obs(torch.arange(8))
+    assert torch.equal(back.min(x, data.obs[:8]), q.min(x, data.obs[:8]))
+    assert any("q.members" in e for e in check(replace(cfg, **{"q.members": 0})))

@@ -174,23 +174,42 @@ class CondMLP(nn.Module):
 
 class TwinQ(nn.Module):
     """Two MLPs [a_dim + s_dim, 256, 256, 256, 1] with ReLU on (action, state)."""
+    members = 1
 
     def __init__(self, action_dim: int, state_dim: int, hidden: Sequence[int] = (256, 256, 256)):
         super().__init__()
         self.q1 = CondMLP(action_dim, state_dim, hidden, act="relu")
         self.q2 = CondMLP(action_dim, state_dim, hidden, act="relu")
 
-    def forward(self, a: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both heads. a: [..., N, a_dim] actions for states s: [..., s_dim] (broadcast as [..., 1, s_dim]
-        when a has one more dimension than s; otherwise rows are paired)."""
+    def forward(self, a: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """Both heads stacked, [2, ...]. a: [..., N, a_dim] actions for states s: [..., s_dim] (broadcast as
+        [..., 1, s_dim] when a has one more dimension than s; otherwise rows are paired)."""
         if s is not None and a.dim() == s.dim() + 1:
             s = s.unsqueeze(-2)
-        return (self.q1.forward_projected(a, self.q1.project_cond(s)),
-                self.q2.forward_projected(a, self.q2.project_cond(s)))
+        return torch.stack((self.q1.forward_projected(a, self.q1.project_cond(s)),
+                            self.q2.forward_projected(a, self.q2.project_cond(s))))
+
+    def member_min(self, a: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """Each member's min of its twin heads, [members, ...]."""
+        h = self(a, s)
+        return h.view(self.members, 2, *h.shape[1:]).amin(1)
 
     def min(self, a: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-        """Q = min of the twin heads."""
-        return torch.minimum(*self(a, s))
+        """Q̄ = the min over every head (a twin's: the min of its two heads)."""
+        return self(a, s).amin(0)
+
+
+class TwinQEnsemble(TwinQ):
+    """`members` independent twin Qs side by side (heads 2m and 2m + 1 are member m's), each learning from its
+    own twin-min target; Q̄ is the min over all of them: pessimism at the actions one critic's draw over-rates."""
+
+    def __init__(self, action_dim: int, state_dim: int, hidden: Sequence[int] = (256, 256, 256), members: int = 2):
+        nn.Module.__init__(self)
+        self.members = members
+        self.twins = nn.ModuleList(TwinQ(action_dim, state_dim, hidden) for _ in range(members))
+
+    def forward(self, a: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([t(a, s) for t in self.twins])
 
 
 class EnergyNet(nn.Module):

@@ -10,18 +10,22 @@ from .nets import TwinQ
 @torch.no_grad()
 def in_support_target(q_target: TwinQ, next_support: torch.Tensor, next_obs: torch.Tensor,
                       rewards: torch.Tensor, terminals: torch.Tensor, gamma: float, beta_q: float) -> torch.Tensor:
-    """y = r + γ(1 − terminal)·Σ_i softmax_i(βQ·Q̄(s', â'_i))·Q̄(s', â'_i), Q̄ = min of the target twins.
+    """y = r + γ(1 − terminal)·Σ_i softmax_i(βQ·Q̄(s', â'_i))·Q̄(s', â'_i), Q̄ = min of the target twins; one y per
+    member of an ensemble (its own twins' min), [members, B].
 
     next_support: [B, M, a_dim] behaviour samples at s'; timeouts are not terminal."""
-    q = q_target.min(next_support, next_obs)                   # [B, M]
+    q = q_target.member_min(next_support, next_obs)            # [members, B, M]
     v = (torch.softmax(beta_q * q, dim=-1) * q).sum(-1)
     return rewards + gamma * (1.0 - terminals) * v
 
 
 def q_loss(q, actions: torch.Tensor, obs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean of the two heads' MSE to y. q: a TwinQ, or a data-parallel wrapper of one."""
-    q1, q2 = q(actions, obs)
-    return 0.5 * ((q1 - y).square().mean() + (q2 - y).square().mean())
+    """Mean over heads of their MSE to y: y [B] for every head, or [members, B], each member's twins to theirs.
+    q: a TwinQ (or ensemble), or a data-parallel wrapper of one."""
+    heads = q(actions, obs)                                    # [2·members, B]
+    if y.dim() == heads.dim():
+        y = y.repeat_interleave(2, dim=0)
+    return (heads - y).square().mean()
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..algos.iql import IQLConfig
-from ..algos.qgpo.config import NOT_IN_KEY, QGPOConfig
+from ..algos.qgpo.config import KEY_NEUTRAL, NOT_IN_KEY, QGPOConfig
 from ..config import Errors, from_dict, merge, replace, to_dict
 from ..data.datasets import fingerprint, local_path
 from ..data.tasks import get_task
@@ -188,7 +188,8 @@ def hyper_id(hyper: dict[str, Any]) -> str:
 
 
 def _key_cfg(cfg) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY}
+    return {k: v for k, v in to_dict(cfg).items()
+            if k not in NOT_IN_KEY and not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
 
 
 def dataset_file(study: StudyConfig, task_name: str) -> dict[str, Any]:

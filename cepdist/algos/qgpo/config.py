@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from ...config import Errors
 
 NOT_IN_KEY = ("log_every", "ckpt_every")       # settings that change no stage's result
+# settings added after stores held results, left out of a stage's key at these values (their old behaviour),
+# so that results computed before they existed keep their keys
+KEY_NEUTRAL = {"members": 1}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -64,6 +67,7 @@ class QConfig:
     gamma: float = 0.99
     tau: float = 0.005
     reward: str | None = "locomotion"  # locomotion | antmaze | none; None → the task's rule (studies)
+    members: int = 1                 # independent twin critics, Q̄ the min over all (1: the reference's twin)
     log_every: int = 1000
     ckpt_every: int = 50_000
 
@@ -147,6 +151,7 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     need(0 < cfg.q.gamma <= 1, "q.gamma", "in (0, 1]")
     need(0 < cfg.q.tau <= 1, "q.tau", "in (0, 1]")
     need(cfg.q.beta_q >= 0, "q.beta_q", "≥ 0")
+    need(cfg.q.members >= 1, "q.members", "≥ 1 (independent twin critics; 1: the reference)")
     need(cfg.q.reward in (None, "locomotion", "antmaze", "none"), "q.reward",
          "'locomotion', 'antmaze', 'none' (or unset: the task's)")
     e = cfg.energy

@@ -27,7 +27,7 @@ from ...config import from_dict, to_dict
 from ...core.diffusion import VPSchedule, denoising_loss
 from ...core import analytic
 from ...core.guidance import ENERGY_METHODS, energy_loss, guided_sample
-from ...core.nets import EnergyNet, ScoreNet, TwinQ
+from ...core.nets import EnergyNet, ScoreNet, TwinQ, TwinQEnsemble
 from ...core.qlearning import in_support_target, polyak, q_loss
 from ...core.solver import make_plan
 from ...data.transitions import Transitions, preprocess_rewards
@@ -268,7 +268,8 @@ def load_support(path_or_ck) -> SupportSet:
 # ---------------------------------------------------------------- Q (in-support softmax Q-learning)
 def build_q(cfg: QConfig, state_dim: int, action_dim: int, seed: int = 0) -> tuple[TwinQ, TwinQ]:
     torch.manual_seed(seed + 1)
-    q = TwinQ(action_dim, state_dim, cfg.hidden)
+    q = (TwinQ(action_dim, state_dim, cfg.hidden) if cfg.members == 1
+         else TwinQEnsemble(action_dim, state_dim, cfg.hidden, cfg.members))
     return q, copy.deepcopy(q).requires_grad_(False)
 
 
@@ -276,7 +277,8 @@ def train_q(cfg: QConfig, data: Transitions, support: SupportSet, *, seed: int =
             ckpt_path: Path | None = None, callback: Callback | None = None,
             parallel: Parallel = SINGLE) -> TwinQ:
     """Twin Q on y = r + γ(1 − d)·Σ softmax(βQ·Q̄(s', â'))·Q̄(s', â') over the support actions at s', with
-    rewards preprocessed by cfg.reward. Returns the target network Q̄ (what the energy model and DPS use)."""
+    rewards preprocessed by cfg.reward (cfg.members twins, each on its own target). Returns the target network
+    Q̄ (what the energy model and DPS use; with members > 1 its value is the min over them all)."""
     if cfg.reward is None:
         raise ValueError("q.reward is not set (None means the task's rule, which only a study resolves)")
     data = preprocess_rewards(data, cfg.reward)
