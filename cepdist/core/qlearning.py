@@ -23,8 +23,8 @@ def q_loss(q, actions: torch.Tensor, obs: torch.Tensor, y: torch.Tensor) -> torc
     """Mean over heads of their MSE to y: y [B] for every head, or [members, B], each member's twins to theirs.
     q: a TwinQ (or ensemble), or a data-parallel wrapper of one."""
     heads = q(actions, obs)                                    # [2·members, B]
-    if y.dim() == heads.dim():
-        y = y.repeat_interleave(2, dim=0)
+    if y.dim() == heads.dim():                                 # [members, 2, B] against [members, 1, B], no copy
+        heads, y = heads.view(y.shape[0], 2, *y.shape[1:]), y.unsqueeze(1)
     return (heads - y).square().mean()
 
 
