@@ -51,7 +51,8 @@ def preset(name: str) -> StudyConfig:
         #   actions worse than chance (exact target at β = 30 −13.1 ± 2.2 against them), at 24k it gained +10.0 ±
         #   1.6 (benchmarks/q_curve.py); the study at 36k chose w = 1 on halfcheetah, +1.1 to +5.9 on every seed;
         #   on walker2d the 36k Q̄ makes the sharp exact target worse (β = 30: −14.2 against +13.1 at 12k; README
-        #   point 15), so the length is a compromise the next study should measure;
+        #   point 15), so the length is a compromise. Three critics (min over them) at 18k steps with a cosine
+        #   behaviour rate lost both gains in a study (halfcheetah +1.4 [−0.4, 3.8], walker2d −0.2 [−3.1, 2.7]);
         #   β = 30 (at 3 the labels are nearly uniform);
         # - fφ 4k steps with t uniform in log-SNR: with t uniform in t it learned little at small t and w = 3
         #   collapsed hopper to 11.0 (50 episodes), with log-SNR times it scored 50.8 against 46.5 at w = 0.
