@@ -281,3 +281,37 @@ def test_a_critic_ensemble_trains_each_twin_on_its_own_target_and_reads_the_min(
     x = sup.at_obs(torch.arange(8))
     assert torch.equal(back.min(x, data.obs[:8]), q.min(x, data.obs[:8]))
     assert any("q.members" in e for e in check(replace(cfg, **{"q.members": 0})))
+
+
+def test_obs_norm_trains_on_standardised_states_and_samples_from_raw_ones(tmp_path):
+    """behavior.obs_norm: the network is trained on (s − mean)/std (a constant dimension keeps scale 1), and
+    the model it returns, and load_behavior of its checkpoint, take raw states with the same outputs (the
+    statistics folded into the state layer). Off, the stage key is the one it had before the setting."""
+    from cepdist.algos.qgpo.stages import load_behavior
+    from cepdist.distributed.store import stage_key
+    from cepdist.distributed.study import _key_cfg
+    data, _ = bandit_dataset(1000)
+    raw = torch.cat([data.obs * torch.tensor([100.0, 0.01]) + torch.tensor([50.0, -3.0]),
+                     torch.full((len(data), 1), 7.0)], 1)                    # scales 100 and 0.01, one constant
+    cfg = BehaviorConfig(widths=(16, 8, 4), steps=30, batch_size=64, lr=1e-2, obs_norm=True, log_every=10,
+                         ckpt_every=10)
+    model = train_behavior(cfg, raw, data.actions, seed=1, ckpt_path=tmp_path / "b.pt")
+    o = raw.double().numpy()
+    mean, std = o.mean(0), o.std(0, ddof=1)
+    std[std < 1e-6] = 1.0
+    assert std[2] == 1.0
+    by_hand = (raw - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    assert torch.allclose(by_hand.mean(0), torch.tensor([0.0, 0.0, 0.0]), atol=1e-4)
+    plain = train_behavior(replace(cfg, obs_norm=False), by_hand, data.actions, seed=1)
+    x, t = torch.randn(200, 2), torch.rand(200) * 0.9 + 0.05
+    with torch.no_grad():
+        want = plain(x, t, by_hand[:200])
+        assert torch.allclose(model(x, t, raw[:200]), want, atol=1e-4)
+        back = load_behavior(tmp_path / "b.pt")
+        assert torch.allclose(back(x, t, raw[:200]), want, atol=1e-4)
+        # without the fold the raw states would give other outputs: the test can fail
+        assert not torch.allclose(plain(x, t, raw[:200]), want, atol=1e-2)
+    ck = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert torch.allclose(ck["obs_norm"]["std"], torch.tensor(std, dtype=torch.float32))
+    assert "obs_norm" not in _key_cfg(BehaviorConfig()) and _key_cfg(cfg)["obs_norm"] is True
+    assert stage_key("behavior", {"cfg": _key_cfg(BehaviorConfig())}) == "behavior-e24f371e9753e8b3"

@@ -41,6 +41,14 @@ class TimeStateEmbedding(nn.Module):
         self.state = nn.Linear(state_dim, embed_dim) if state_dim > 0 else None
         self.out_dim = embed_dim * (2 if state_dim > 0 else 1)
 
+    @torch.no_grad()
+    def fold_state_norm(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Weights trained on standardised states (s − mean)/std become weights on raw states: W/std, and
+        b − W·(mean/std). Exact (up to rounding), and sampling pays nothing for the standardisation."""
+        w = self.state.weight
+        self.state.bias -= w @ (mean / std).to(w)
+        w /= std.to(w)
+
     def forward(self, t: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         te = self.time(t)
         if self.state is None:

@@ -13,7 +13,7 @@ from ...config import Errors
 NOT_IN_KEY = ("log_every", "ckpt_every")       # settings that change no stage's result
 # settings added after stores held results, left out of a stage's key at these values (their old behaviour),
 # so that results computed before they existed keep their keys
-KEY_NEUTRAL = {"members": 1}
+KEY_NEUTRAL = {"members": 1, "obs_norm": False}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -43,6 +43,7 @@ class BehaviorConfig:
     lr_schedule: str = "constant"    # or "cosine": decay to 0 over `steps` (the reference: constant)
     ema: float = 0.0                 # decay of a moving average of the weights that samples; 0: none (reference)
     precision: str = "fp32"          # "bf16": autocast matmuls to bfloat16 (fp32 master weights)
+    obs_norm: bool = False           # train on standardised states (the reference: raw), folded back at the end
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     log_every: int = 1000
     ckpt_every: int = 50_000

@@ -144,6 +144,9 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     model averages gradients, so the global batch is the same for any number of workers."""
     device = actions.device
     state_dim = 0 if obs is None else obs.shape[1]
+    norm = state_norm(obs) if cfg.obs_norm and obs is not None else None
+    if norm is not None:
+        obs = (obs - norm["mean"].to(obs)) / norm["std"].to(obs)
     local_bs = parallel.local_batch(cfg.batch_size, "behavior.batch_size")
     model = build_behavior(cfg, state_dim, actions.shape[1], seed).to(device)
     if init is not None:
@@ -155,7 +158,7 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     # that short runs are not dominated by the initial weights
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema > 0 else None
     meta = {"kind": "behavior", "config": to_dict(cfg), "seed": seed,
-            "state_dim": state_dim, "action_dim": actions.shape[1]}
+            "state_dim": state_dim, "action_dim": actions.shape[1], **({} if norm is None else {"obs_norm": norm})}
     modules = {"model": model, **({"ema": ema} if ema is not None else {})}
     gen, start, snapshot, cpu = _resume("behavior", ckpt_path, meta, modules, opt, seed, device, parallel, sched)
     net = parallel.wrap(model)
@@ -179,8 +182,19 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
         loop.record(0, loss)
         loop.end_step()
     out = model if ema is None else ema
+    if norm is not None:
+        out.embed.fold_state_norm(norm["mean"].to(device), norm["std"].to(device))
     out.schedule = schedule
     return out.eval()
+
+
+def state_norm(obs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the states (on CPU, in float64 so that every worker and
+    device gets the same numbers); a constant dimension keeps scale 1 instead of dividing by zero."""
+    o = obs.detach().to("cpu", torch.float64)
+    std = o.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return {"mean": o.mean(0).float(), "std": std.float()}
 
 
 def _load(path_or_ck) -> dict:
@@ -193,6 +207,8 @@ def load_behavior(path_or_ck) -> ScoreNet:
     ck = _load(path_or_ck)
     model = build_behavior(from_dict(BehaviorConfig, ck["config"]), ck["state_dim"], ck["action_dim"])
     model.load_state_dict(ck["ema"] if "ema" in ck else ck["model"])      # the weights that sample
+    if "obs_norm" in ck:                                                   # trained on standardised states
+        model.embed.fold_state_norm(ck["obs_norm"]["mean"], ck["obs_norm"]["std"])
     return model.eval()
 
 
