@@ -311,6 +311,9 @@ def test_obs_norm_trains_on_standardised_states_and_samples_from_raw_ones(tmp_pa
         assert torch.allclose(back(x, t, raw[:200]), want, atol=1e-4)
         # without the fold the raw states would give other outputs: the test can fail
         assert not torch.allclose(plain(x, t, raw[:200]), want, atol=1e-2)
+        # a warm start from it (0 further steps) is the same model, not folded twice
+        again = train_behavior(replace(cfg, steps=0), raw, data.actions, seed=1, init=model)
+        assert torch.allclose(again(x, t, raw[:200]), want, atol=1e-4)
     ck = torch.load(tmp_path / "b.pt", weights_only=True)
     assert torch.allclose(ck["obs_norm"]["std"], torch.tensor(std, dtype=torch.float32))
     assert "obs_norm" not in _key_cfg(BehaviorConfig()) and _key_cfg(cfg)["obs_norm"] is True

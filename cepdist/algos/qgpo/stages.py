@@ -151,6 +151,8 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     model = build_behavior(cfg, state_dim, actions.shape[1], seed).to(device)
     if init is not None:
         model.load_state_dict(init.state_dict())
+        if norm is not None:            # init takes raw states (folded): unfold it to train on standardised ones
+            model.embed.fold_state_norm(-norm["mean"] / norm["std"], 1 / norm["std"])
     schedule = model.schedule
     opt = adam(model.parameters(), cfg.lr)
     sched = lr_scheduler(opt, cfg.lr_schedule, cfg.steps)
