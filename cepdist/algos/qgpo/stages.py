@@ -185,7 +185,7 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
         loop.end_step()
     out = model if ema is None else ema
     if norm is not None:
-        out.embed.fold_state_norm(norm["mean"].to(device), norm["std"].to(device))
+        out.embed.fold_state_norm(norm["mean"], norm["std"])
     out.schedule = schedule
     return out.eval()
 
