@@ -51,7 +51,7 @@ def _number(v) -> float | None:
 
 
 def _convert(tp, v, path: str):
-    """v checked against the declared type tp (int, float, str, bool, tuple[T, ...]) and converted."""
+    """v checked against the declared type tp (int, float, str, bool, tuple[T, ...], dict) and converted."""
     def bad(expected):
         return ValueError(f"config key {path}: expected {expected}, got {v!r} ({type(v).__name__})")
     if tp is bool:
@@ -71,6 +71,10 @@ def _convert(tp, v, path: str):
         if not isinstance(v, str):
             raise bad("a string")
         return v
+    if typing.get_origin(tp) is dict:
+        if not isinstance(v, dict):
+            raise bad("a mapping")
+        return dict(v)
     if typing.get_origin(tp) is tuple:
         if not isinstance(v, (list, tuple)):
             raise bad("a list")

@@ -45,6 +45,18 @@ def test_q_is_shared_across_beta_and_method_and_energy_is_per_trial():
         load_study(s, {"base": {"temperature": 0.0}})
 
 
+def test_a_per_task_section_changes_only_that_tasks_config_and_keys():
+    s = load_study(preset("smoke"), {"tasks": ["hopper-random-local", "hopper-medium-local"]})
+    wide = load_study(s, {"per_task": {"hopper-medium-local": {"behavior": {"widths": [128, 64, 32]}}}})
+    for a, b in zip(trials(s), trials(wide)):
+        assert (a.task, a.seed) == (b.task, b.seed)
+        changed = a.task == "hopper-medium-local"
+        assert b.config.behavior.widths == ((128, 64, 32) if changed else (64, 32, 16))
+        assert b.config.behavior.steps == a.config.behavior.steps             # the rest of the section stays
+        assert all((a.keys[k] != b.keys[k]) == changed for k in a.keys)       # the whole chain downstream moves
+    assert to_dict(wide)["per_task"] == {"hopper-medium-local": {"behavior": {"widths": [128, 64, 32]}}}
+
+
 def test_grid_axes_default_to_the_base_config_and_task_defaults():
     s = StudyConfig(tasks=("hopper-medium-local", "antmaze-umaze-v2"), seeds=(0,))
     ts = trials(s)
@@ -114,6 +126,13 @@ def test_a_replaced_dataset_file_gives_new_keys(tmp_path):
     ({"base": {"sampler": {"steps": 3}}}, "base.sampler.steps is set per trial by the study's `solver_steps`.*--steps"),
     ({"base": {"seed": 4}}, "base.seed is set per trial by the study.s `seeds`"),
     ({"base": {"energy": {"beta": 2}}, "betas": [1, 3]}, "set `betas:` or --betas instead"),
+    ({"per_task": {"hopper-random-local": {}}}, "per_task.hopper-random-local: not one of the study's tasks"),
+    ({"per_task": {"hopper-medium-local": {"behavior": {"widthz": [8]}}}},
+     r"unknown config key\(s\) per_task.hopper-medium-local.behavior.widthz"),
+    ({"per_task": {"hopper-medium-local": {"behavior": {"lr": 0}}}}, "per_task.hopper-medium-local.behavior.lr must be > 0"),
+    ({"per_task": {"hopper-medium-local": {"energy": {"beta": 3}}}},
+     "per_task.hopper-medium-local.energy.beta: set per trial by the study's `betas`"),
+    ({"per_task": ["hopper-medium-local"]}, "config key per_task: expected a mapping"),
 ])
 def test_the_config_validator_names_the_key_and_what_is_allowed(layer, message):
     with pytest.raises(ValueError, match=message):

@@ -59,6 +59,9 @@ class StudyConfig:
     iql: IQLConfig = field(default_factory=lambda: IQLConfig(reward=None))
     base: QGPOConfig = field(default_factory=lambda: QGPOConfig(
         support=dataclasses.replace(QGPOConfig().support, K=None), q=dataclasses.replace(QGPOConfig().q, reward=None)))
+    # task → a partial `base` section merged over `base` for that task's trials (e.g. a wider behaviour model
+    # for one task); its stage keys follow from the merged config like any other setting
+    per_task: dict[str, Any] = field(default_factory=dict)
     eval_episodes: int = 10                        # test episodes per guidance scale (the reported scores)
     val_episodes: int | None = None                # validation episodes per scale, other resets (None → eval_episodes)
     eval_every: int = 0                            # energy steps between evaluations (0: only at the end)
@@ -79,6 +82,13 @@ class StudyConfig:
     @property
     def validation_episodes(self) -> int:
         return self.eval_episodes if self.val_episodes is None else self.val_episodes
+
+    def base_for(self, task: str) -> QGPOConfig:
+        """The base config of one task's trials: `base` with the task's `per_task` section merged over it."""
+        over = self.per_task.get(task)
+        if not over:
+            return self.base
+        return from_dict(QGPOConfig, merge(to_dict(self.base), over), where=f"per_task.{task}.")
 
     def axes(self) -> dict[str, tuple]:
         b = self.base
@@ -149,6 +159,23 @@ def validate(study: StudyConfig) -> StudyConfig:
     need(study.max_failures >= 0, "max_failures", "≥ 0")
     need(study.max_concurrent is None or study.max_concurrent >= 1, "max_concurrent", "≥ 1 (or unset)")
     errors += check(study.base, "base.")
+    for task, over in study.per_task.items():
+        if task not in study.tasks:
+            errors.append(f"per_task.{task}: not one of the study's tasks ({', '.join(study.tasks)})")
+            continue
+        if not isinstance(over, dict):
+            errors.append(f"per_task.{task}: expected a mapping of base-config sections, got {type(over).__name__}")
+            continue
+        for path, axis in GRID_SETS.items():
+            node = over
+            for p in path:
+                node = node.get(p) if isinstance(node, dict) else None
+            if node is not None:
+                errors.append(f"per_task.{task}.{'.'.join(path)}: set per trial by the study's `{axis}`, not per task")
+        try:
+            errors += check(study.base_for(task), f"per_task.{task}.")
+        except ValueError as e:               # an unknown key or a wrong type inside the section
+            errors.append(str(e))
     if errors:
         raise ValueError("invalid study config: " + "; ".join(errors))
     return study
@@ -207,7 +234,7 @@ def make_trial(study: StudyConfig, hyper: dict[str, Any], data: dict[str, Any] |
     if hyper["method"] in ALGORITHMS:
         return _baseline_trial(study, hyper, task, data)
     seed, K = int(hyper["seed"]), hyper["K"] or task.K
-    b = study.base
+    b = study.base_for(task.name)
     cfg = replace(b, **{"seed": seed, "support.K": K, "support.solver.steps": hyper["steps"],
                         "sampler.steps": hyper["steps"], "energy.beta": float(hyper["beta"]),
                         "energy.method": hyper["method"], "q.reward": b.q.reward or task.reward})
