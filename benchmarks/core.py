@@ -1,8 +1,8 @@
 """Hot paths of the QGPO core at HalfCheetah sizes (s_dim 17, a_dim 6) and the reference network widths.
 
 Prints a table and writes JSON (default benchmarks/results/core.json):
-behaviour-model training steps/s at batch 4096 and 256 (fp32 and bf16 autocast), Q-stage and
-energy-stage iterations/s (batch 256 × K = 16) and their combination as the reference's critic iteration
+behaviour-model training steps/s at batch 4096 and 256, Q-stage and
+energy-stage iterations/s (batch 256 × K = 16), each in fp32 and under bf16 autocast, and their combination as the reference's critic iteration
 (one Q update + one CEP update), guided sampling actions/s at state batches 1, 10, 100,
 1000 (15 steps, 2nd-order DPM-Solver++, w = 1), and support-action generation samples/s (w = 0).
 AEPO (reconstructed): energy-stage iterations/s of `aepo` for each order and covariance (batch 256 dataset
@@ -139,13 +139,15 @@ def main():
                          torch.arange(len(data), device=device))
     behavior = train_behavior(BehaviorConfig(steps=0), data.obs, data.actions).to(device)
     quiet = dict(log_every=10**9, ckpt_every=10**9)
-    res["q"] = rate_of(lambda k: train_q(QConfig(steps=k, reward="none", **quiet), data, support), 5, 5 + 40 * q,
-                       device)
-    print(f"{'q':24s} {res['q']:10.2f} it/s (in-support Q update, 256 × 16)")
     q_target = build_q(QConfig(), S_DIM, A_DIM)[1]
-    res["energy"] = rate_of(lambda k: train_energy(EnergyConfig(steps=k, **quiet), q_target, support, data,
-                                                   behavior.schedule), 5, 5 + 40 * q, device)
-    print(f"{'energy':24s} {res['energy']:10.2f} it/s (CEP update on the frozen Q̄, 256 × 16)")
+    for prec in ("fp32", "bf16"):
+        sfx = "" if prec == "fp32" else "_bf16"
+        res["q" + sfx] = rate_of(lambda k: train_q(QConfig(steps=k, reward="none", precision=prec, **quiet), data,
+                                                   support), 5, 5 + 40 * q, device)
+        print(f"{'q' + sfx:24s} {res['q' + sfx]:10.2f} it/s (in-support Q update, 256 × 16)")
+        res["energy" + sfx] = rate_of(lambda k: train_energy(EnergyConfig(steps=k, precision=prec, **quiet), q_target,
+                                                             support, data, behavior.schedule), 5, 5 + 40 * q, device)
+        print(f"{'energy' + sfx:24s} {res['energy' + sfx]:10.2f} it/s (CEP update on the frozen Q̄, 256 × 16)")
     res["critic"] = 1 / (1 / res["q"] + 1 / res["energy"])
     print(f"{'critic':24s} {res['critic']:10.2f} it/s (one Q + one CEP update, the reference's iteration)")
 

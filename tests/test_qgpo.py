@@ -318,3 +318,38 @@ def test_obs_norm_trains_on_standardised_states_and_samples_from_raw_ones(tmp_pa
     assert torch.allclose(ck["obs_norm"]["std"], torch.tensor(std, dtype=torch.float32))
     assert "obs_norm" not in _key_cfg(BehaviorConfig()) and _key_cfg(cfg)["obs_norm"] is True
     assert stage_key("behavior", {"cfg": _key_cfg(BehaviorConfig())}) == "behavior-e24f371e9753e8b3"
+
+
+def test_bf16_q_and_energy_updates_learn_what_fp32_learns_and_keep_their_keys():
+    """q.precision / energy.precision 'bf16': the updates run under bf16 autocast (the result differs from
+    fp32's) with the output layer in fp32 (Q̄ comes out fp32 and exact to its bf16 features), and the
+    critic learns the bandit's reward as well as in fp32. At 'fp32' the stage keys are the old ones."""
+    from cepdist.algos.qgpo.stages import SupportSet, train_energy
+    from cepdist.core.diffusion import VPSchedule
+    from cepdist.core.nets import TwinQ
+    from cepdist.distributed.store import stage_key
+    from cepdist.distributed.study import _key_cfg
+    data, g = bandit_dataset(2000)
+    n = len(data)
+    sup = SupportSet(torch.randn(n, 4, 2) * 0.6, torch.arange(n), torch.arange(n))     # terminal: unused by y
+    cfg = small_cfg(**{"q.steps": 600})
+    qs = {p: train_q(replace(cfg.q, precision=p), data, sup, seed=3) for p in ("fp32", "bf16")}
+    a, s = data.actions[:500], data.obs[:500]
+    with torch.no_grad():
+        err = {p: (q.min(a, s) - data.rewards[:500]).square().mean().sqrt().item() for p, q in qs.items()}
+        assert not torch.equal(qs["fp32"].min(a, s), qs["bf16"].min(a, s))
+    assert err["fp32"] < 0.5 * data.rewards.std() and err["bf16"] < err["fp32"] * 1.2 + 0.02, err
+    head = TwinQ(2, 2, (32, 32)).q1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = head.act(head.hidden[0](head.act(head.inp(a) + head.cond(s))))
+        out = head.forward_projected(a, head.project_cond(s))
+    assert out.dtype == torch.float32 and h.dtype == torch.bfloat16
+    assert torch.allclose(out, h.float() @ head.out.weight[0] + head.out.bias, atol=1e-5)
+    energy = train_energy(replace(cfg.energy, steps=50, precision="bf16"), qs["bf16"], sup, data,
+                          VPSchedule(), seed=0)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in energy.parameters())
+    assert stage_key("q", {"cfg": _key_cfg(QConfig())}) == "q-e47887c5aaada35d"
+    assert stage_key("energy", {"cfg": _key_cfg(EnergyConfig())}) == "energy-4b922b85661bbe74"
+    assert _key_cfg(replace(cfg.q, precision="bf16"))["precision"] == "bf16"
+    with pytest.raises(ValueError, match="q.precision must be 'fp32' or 'bf16'"):
+        train_q(replace(cfg.q, precision="fp16"), data, sup)

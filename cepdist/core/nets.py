@@ -160,7 +160,10 @@ class CondMLP(nn.Module):
         h = self.act(h)
         for lin in self.hidden:
             h = self.act(lin(h))
-        return self.out(h).squeeze(-1)
+        # the output layer in fp32 even under bf16 autocast: β·Q̄'s differences between one state's actions are
+        # finer than bf16's spacing at Q's scale (0.5 near 100)
+        with torch.autocast(h.device.type, enabled=False):
+            return self.out(h.float()).squeeze(-1)
 
     def grad_projected(self, x: torch.Tensor, pc: torch.Tensor | None) -> torch.Tensor:
         """∇x of forward_projected by an explicit backward pass (SiLU only).

@@ -215,8 +215,8 @@ def hyper_id(hyper: dict[str, Any]) -> str:
 
 
 def _key_cfg(cfg) -> dict:
-    return {k: v for k, v in to_dict(cfg).items()
-            if k not in NOT_IN_KEY and not (k in KEY_NEUTRAL and v == KEY_NEUTRAL[k])}
+    neutral = KEY_NEUTRAL.get(type(cfg).__name__, {})
+    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_KEY and not (k in neutral and v == neutral[k])}
 
 
 def dataset_file(study: StudyConfig, task_name: str) -> dict[str, Any]:

@@ -12,8 +12,11 @@ from ...config import Errors
 
 NOT_IN_KEY = ("log_every", "ckpt_every")       # settings that change no stage's result
 # settings added after stores held results, left out of a stage's key at these values (their old behaviour),
-# so that results computed before they existed keep their keys
-KEY_NEUTRAL = {"members": 1, "obs_norm": False}
+# so that results computed before they existed keep their keys (per config class: behaviour keys always held
+# their `precision`)
+KEY_NEUTRAL = {"BehaviorConfig": {"obs_norm": False}, "QConfig": {"members": 1, "precision": "fp32"},
+               "EnergyConfig": {"precision": "fp32"}}
+PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -69,6 +72,7 @@ class QConfig:
     tau: float = 0.005
     reward: str | None = "locomotion"  # locomotion | antmaze | none; None → the task's rule (studies)
     members: int = 1                 # independent twin critics, Q̄ the min over all (1: the reference's twin)
+    precision: str = "fp32"          # "bf16": autocast the update's matmuls (output layer and weights fp32)
     log_every: int = 1000
     ckpt_every: int = 50_000
 
@@ -93,6 +97,7 @@ class EnergyConfig:
     actions: str | None = None       # support | dataset | None (the method's)
     order: int = 1                   # aepo: Taylor order of the log-expectation (1 or 2)
     covariance: str = "jacobian"     # aepo: jacobian | isotropic | prior
+    precision: str = "fp32"          # "bf16": autocast fφ's update (its labels β·Q̄ stay fp32)
     log_every: int = 1000
     ckpt_every: int = 50_000
 
@@ -141,7 +146,8 @@ def check(cfg: QGPOConfig, where: str = "") -> list[str]:
     b = cfg.behavior
     need(0 <= b.ema < 1, "behavior.ema", "in [0, 1) (0: no moving average)")
     need(len(b.widths) > 0 and min(b.widths) >= 1, "behavior.widths", "a non-empty list of widths ≥ 1")
-    need(b.precision in ("fp32", "bf16"), "behavior.precision", "'fp32' or 'bf16'")
+    for key, v in (("behavior", b.precision), ("q", cfg.q.precision), ("energy", cfg.energy.precision)):
+        need(v in PRECISIONS, f"{key}.precision", "'fp32' or 'bf16'")
     need(0 < b.schedule.beta_min < b.schedule.beta_max, "behavior.schedule", "0 < beta_min < beta_max")
     need(cfg.support.K is None or cfg.support.K >= 2, "support.K", "≥ 2 (or unset: the task's)")
     need(cfg.support.batch_states >= 1, "support.batch_states", "≥ 1")

@@ -62,11 +62,12 @@ def seed_generator(seed: int, stage: str, device, rank: int = 0) -> torch.Genera
     return g
 
 
-def _autocast(precision: str, device: torch.device):
+def _autocast(precision: str, device: torch.device, key: str):
+    """The context a training update runs in: bf16 autocast (fp32 master weights) or none."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision != "fp32":
-        raise ValueError(f"behavior.precision must be 'fp32' or 'bf16', got {precision!r}")
+        raise ValueError(f"{key} must be 'fp32' or 'bf16', got {precision!r}")
     return nullcontext()
 
 
@@ -168,7 +169,7 @@ def train_behavior(cfg: BehaviorConfig, obs: torch.Tensor | None, actions: torch
     loop = Loop("behavior", cfg.steps, ("loss",), device, cfg.log_every, cfg.ckpt_every, ckpt_path,
                 snapshot, callback, start, cpu)
     n = actions.shape[0]
-    amp = _autocast(cfg.precision, device)
+    amp = _autocast(cfg.precision, device, "behavior.precision")
     model.train()
     for _ in range(start, cfg.steps):
         idx = torch.randint(n, (local_bs,), device=device, generator=gen)
@@ -313,11 +314,13 @@ def train_q(cfg: QConfig, data: Transitions, support: SupportSet, *, seed: int =
     loop = Loop("q", cfg.steps, ("q_loss", "target_mean"), device, cfg.log_every, cfg.ckpt_every,
                 ckpt_path, snapshot, callback, start, cpu)
     n = len(data)
+    amp = _autocast(cfg.precision, device, "q.precision")
     for _ in range(start, cfg.steps):
         idx = torch.randint(n, (local_bs,), device=device, generator=gen)
-        y = in_support_target(q_target, support.at_next(idx), data.next_obs[idx], data.rewards[idx],
-                              data.terminals[idx], cfg.gamma, cfg.beta_q)
-        lq = q_loss(q_net, data.actions[idx], data.obs[idx], y)
+        with amp:
+            y = in_support_target(q_target, support.at_next(idx), data.next_obs[idx], data.rewards[idx],
+                                  data.terminals[idx], cfg.gamma, cfg.beta_q)
+            lq = q_loss(q_net, data.actions[idx], data.obs[idx], y)
         opt.zero_grad(set_to_none=True)
         lq.backward()
         opt.step()
@@ -401,6 +404,7 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
     table = iso_table(behavior, data, seed) if aepo and cfg.covariance == "isotropic" else None
     max_var = max_variance(data.actions) if aepo else None
     f_net = parallel.wrap(energy)
+    amp = _autocast(cfg.precision, device, "energy.precision")
     on_support = cfg.train_actions() == "support"
 
     loop = Loop("energy", cfg.steps, ("energy_loss", "q_mean", "q_std"), device, cfg.log_every,
@@ -415,7 +419,8 @@ def train_energy(cfg: EnergyConfig, q: TwinQ, support: SupportSet, data: Transit
         target = cfg.beta * qs
         if aepo:
             target = aepo_target(cfg, behavior, q, s, max_var, (target.min(), target.max()), table)
-        lf = energy_loss(cfg.method, f_net, a0, s, target, schedule, gen, cfg.t_sampling)
+        with amp:
+            lf = energy_loss(cfg.method, f_net, a0, s, target, schedule, gen, cfg.t_sampling)
         opt.zero_grad(set_to_none=True)
         lf.backward()
         opt.step()
