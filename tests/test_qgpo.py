@@ -320,7 +320,7 @@ def test_obs_norm_trains_on_standardised_states_and_samples_from_raw_ones(tmp_pa
     assert stage_key("behavior", {"cfg": _key_cfg(BehaviorConfig())}) == "behavior-e24f371e9753e8b3"
 
 
-def test_bf16_q_and_energy_updates_learn_what_fp32_learns_and_keep_their_keys():
+def test_bf16_q_and_energy_updates_learn_what_fp32_learns_and_keep_their_keys(monkeypatch, caplog):
     """q.precision / energy.precision 'bf16': the updates run under bf16 autocast (the result differs from
     fp32's) with the output layer in fp32 (Q̄ comes out fp32 and exact to its bf16 features), and the
     critic learns the bandit's reward as well as in fp32. At 'fp32' the stage keys are the old ones."""
@@ -353,3 +353,8 @@ def test_bf16_q_and_energy_updates_learn_what_fp32_learns_and_keep_their_keys():
     assert _key_cfg(replace(cfg.q, precision="bf16"))["precision"] == "bf16"
     with pytest.raises(ValueError, match="q.precision must be 'fp32' or 'bf16'"):
         train_q(replace(cfg.q, precision="fp16"), data, sup)
+    # a CPU without native bf16 (AVX2 only: not this one, so its flag is patched) is told before training
+    from cepdist.algos.qgpo import stages
+    monkeypatch.setattr(stages, "native_bf16_cpu", lambda: False)
+    train_q(replace(cfg.q, precision="bf16", steps=1), data, sup)
+    assert "q.precision: bf16 on a CPU without AVX-512 BF16 or AMX" in caplog.text

@@ -62,9 +62,23 @@ def seed_generator(seed: int, stage: str, device, rank: int = 0) -> torch.Genera
     return g
 
 
+def native_bf16_cpu() -> bool | None:
+    """Whether this CPU does bf16 matmuls natively (AVX-512 BF16 or AMX); None where /proc/cpuinfo is missing.
+    Without them torch emulates bf16 and autocast runs 20–40× slower than fp32 (README, benchmarks/core.py)."""
+    try:
+        flags = next((l.split(":", 1)[1].split() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                      if l.startswith("flags")), [])
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _autocast(precision: str, device: torch.device, key: str):
     """The context a training update runs in: bf16 autocast (fp32 master weights) or none."""
     if precision == "bf16":
+        if device.type == "cpu" and native_bf16_cpu() is False:
+            log.warning("%s: bf16 on a CPU without AVX-512 BF16 or AMX is emulated, 20–40× slower than fp32; "
+                        "set %s: fp32 on this machine (a different stage key: results differ within noise)", key, key)
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision != "fp32":
         raise ValueError(f"{key} must be 'fp32' or 'bf16', got {precision!r}")
