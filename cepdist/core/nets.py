@@ -163,7 +163,7 @@ class CondMLP(nn.Module):
         # the output layer in fp32 even under bf16 autocast: β·Q̄'s differences between one state's actions are
         # finer than bf16's spacing at Q's scale (0.5 near 100)
         with torch.autocast(h.device.type, enabled=False):
-            return self.out(h.float()).squeeze(-1)
+            return self.out(h.to(self.out.weight.dtype)).squeeze(-1)
 
     def grad_projected(self, x: torch.Tensor, pc: torch.Tensor | None) -> torch.Tensor:
         """∇x of forward_projected by an explicit backward pass (SiLU only).
