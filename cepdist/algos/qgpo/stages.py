@@ -78,7 +78,7 @@ def _autocast(precision: str, device: torch.device, key: str):
     if precision == "bf16":
         if device.type == "cpu" and native_bf16_cpu() is False:
             log.warning("%s: bf16 on a CPU without AVX-512 BF16 or AMX is emulated, 20–40× slower than fp32; "
-                        "set %s: fp32 on this machine (a different stage key: results differ within noise)", key, key)
+                        "set %s: fp32 on this machine (its results get their own stage key)", key, key)
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision != "fp32":
         raise ValueError(f"{key} must be 'fp32' or 'bf16', got {precision!r}")
